@@ -1,0 +1,54 @@
+"""DDPM (Ho et al. 2020) on CIFAR-10; the default preset is a CPU-scale run on the embedded data.
+
+  python -m difflax.main --config=configs/ddpm_cifar10.py --workdir=runs/ddpm         # CPU, minutes
+  python -m difflax.main --config=configs/ddpm_cifar10.py:paper --workdir=runs/ddpm   # paper, TPU/GPU
+  python -m difflax.main --config=configs/ddpm_cifar10.py:tiny --workdir=/tmp/t       # smoke test
+
+Presets (comma-separated after ':'): paper | tiny, plus key=value for num_steps, batch, resolution.
+"""
+from difflax import config as config_lib
+
+PRESETS = ("paper", "tiny")
+
+
+def get_config(arg=None):
+  presets, kv = config_lib.parse_arg(arg)
+  config_lib.check_presets(presets, PRESETS, __file__)
+  c = config_lib.base_config()
+  c.diffusion.schedule = "linear"
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.var_type = "fixed_large"  # DDPM's CIFAR-10 model samples with sigma_t^2 = beta_t.
+  c.loss.type = "simple"
+
+  if "paper" in presets:
+    # Ho et al. 2020, Sec. 4 and App. B.
+    c.data.update(name="cifar10", resolution=32, num_classes=10, batch_size=128)
+    c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                   num_heads=1, dropout=0.1, num_groups=32)
+    c.optim.update(lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False)
+    c.train.update(num_steps=800_000, log_every=100, checkpoint_every=10_000,
+                   preview_every=10_000, preview_num=64, preview_steps="ddim100")
+    c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="")
+    c.eval.update(num_batches=10, batch_size=128)
+  elif "tiny" in presets:
+    c.data.update(resolution=8, batch_size=8, num_examples=64)
+    c.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+    c.diffusion.num_timesteps = 100
+    c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
+                   preview_steps="5")
+    c.sample.update(num=8, batch_size=8, steps="5")
+    c.eval.update(num_batches=1, batch_size=8)
+  else:
+    # CPU scale on the embedded dataset: visibly learns shapes and colours in a few minutes.
+    c.data.update(resolution=16, batch_size=32)
+    c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+    c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
+    c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500)
+
+  if "num_steps" in kv:
+    c.train.num_steps = int(kv["num_steps"])
+  if "batch" in kv:
+    c.data.batch_size = int(kv["batch"])
+  if "resolution" in kv:
+    c.data.resolution = int(kv["resolution"])
+  return config_lib.finalize(c)

@@ -1,0 +1,168 @@
+"""The config schema shared by every `configs/*.py` file, preset parsing and validation.
+
+Contract: `base_config()` returns an unlocked `ml_collections.ConfigDict` holding every key the
+framework reads, with CPU-scale defaults; config files start from it, change fields, and return
+it locked (`finalize`), so an override of a key that does not exist fails with its name.
+`parse_arg("paper,steps=100")` splits a `:arg` suffix into preset names and key=value pairs.
+`validate(config)` raises `ValueError` naming the field and the fix for inconsistent settings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="embedded",      # "embedded", "folder", or a TFDS name ("cifar10", "celeb_a", ...).
+      resolution=32,
+      channels=3,
+      num_classes=10,       # Labels available from the dataset (0 for unlabelled data).
+      batch_size=32,        # Global batch, split over processes and the mesh.
+      random_flip=True,
+      split="train",
+      eval_split="test",
+      data_dir="",          # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets).
+      folder="",            # Root of a folder-of-images dataset (name="folder").
+      num_examples=4096,    # Size of the embedded dataset.
+      shuffle_buffer=10_000,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet",
+      ch=32,
+      ch_mult=(1, 2, 2),
+      num_res_blocks=1,
+      attn_resolutions=(8,),
+      num_heads=1,
+      head_channels=-1,
+      dropout=0.0,
+      use_scale_shift_norm=False,
+      num_groups=8,
+      class_conditional=False,
+      label_dropout=0.1,    # Probability of the null label in training (classifier-free guidance).
+      dtype="float32",
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",    # "linear" | "cosine"
+      num_timesteps=1000,
+      model_output="eps",   # "eps" | "x0" | "v"
+      var_type="fixed_small",  # "fixed_small" | "fixed_large" | "learned_range"
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      type="simple",        # "simple" | "hybrid" | "vlb"
+      vlb_weight=0.001,     # lambda of the hybrid objective (improved-DDPM).
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam",          # "adam" | "adamw"
+      lr=2e-4,
+      warmup_steps=100,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,        # Global-norm clipping; 0 disables.
+      ema_decay=0.999,
+      ema_warmup=True,      # decay_t = min(decay, (1+t)/(10+t)); off in the papers' presets.
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=2000,
+      log_every=50,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      preview_every=500,    # 0 disables preview grids.
+      preview_num=16,
+      preview_sampler="ddim",
+      preview_steps="ddim25",
+      eval_every=0,         # Bits/dim on the eval split every N steps; 0 disables.
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num=64,
+      batch_size=32,
+      sampler="ddim",       # "ddim" | "ddpm"
+      steps="ddim50",       # A respacing spec: "" (all steps), "100", "ddim50", "10,20,30".
+      eta=0.0,
+      guidance=0.0,         # Classifier-free guidance weight (class-conditional models).
+      label=-1,             # Class to sample; -1 cycles through the classes.
+      clip_denoised=True,
+      use_ema=True,
+      seed=0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_batches=1,
+      batch_size=16,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,              # -1: all devices not used by the other axes.
+      fsdp=1,               # >1 shards params / optimizer state over this axis.
+      fsdp_min_size=2 ** 14,  # Smaller parameters stay replicated.
+  ))
+  return c
+
+
+def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+  """'paper,steps=100' -> (['paper'], {'steps': '100'})."""
+  presets, kv = [], {}
+  for token in filter(None, (arg or "").split(",")):
+    if "=" in token:
+      k, v = token.split("=", 1)
+      kv[k.strip()] = v.strip()
+    else:
+      presets.append(token.strip())
+  return presets, kv
+
+
+def check_presets(presets, known, config_name: str):
+  unknown = [p for p in presets if p not in known]
+  if unknown:
+    raise ValueError(f"Unknown preset(s) {unknown} for {config_name}; valid: {sorted(known)}.")
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c
+
+
+def validate(c: Any) -> None:
+  """Raises ValueError on settings that cannot work together, saying what to change."""
+  from difflax import diffusion, losses, samplers  # Registries only.
+  if c.diffusion.var_type not in diffusion.VAR_TYPES:
+    raise ValueError(f"config.diffusion.var_type={c.diffusion.var_type!r}; valid: "
+                     f"{diffusion.VAR_TYPES}.")
+  if c.diffusion.model_output not in diffusion.MODEL_OUTPUTS:
+    raise ValueError(f"config.diffusion.model_output={c.diffusion.model_output!r}; valid: "
+                     f"{diffusion.MODEL_OUTPUTS}.")
+  if c.loss.type not in losses.LOSS_TYPES:
+    raise ValueError(f"config.loss.type={c.loss.type!r}; valid: {losses.LOSS_TYPES}.")
+  if c.loss.type == "simple" and c.diffusion.var_type == "learned_range":
+    raise ValueError("config.loss.type='simple' cannot learn variances; set "
+                     "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
+  for name in (c.train.preview_sampler, c.sample.sampler):
+    samplers.get_sampler(name)
+  levels = len(c.model.ch_mult)
+  if c.data.resolution % 2 ** (levels - 1):
+    raise ValueError(f"config.data.resolution={c.data.resolution} does not fit "
+                     f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}): it must be "
+                     f"divisible by {2 ** (levels - 1)}.")
+  level_res = {c.data.resolution // 2 ** i for i in range(levels)}
+  bad = [r for r in c.model.attn_resolutions if r not in level_res]
+  if bad:
+    raise ValueError(f"config.model.attn_resolutions={tuple(c.model.attn_resolutions)} names "
+                     f"resolutions {bad} that no level has at data.resolution="
+                     f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
+  if c.model.class_conditional and c.data.num_classes <= 0:
+    raise ValueError("config.model.class_conditional=True needs a labelled dataset "
+                     "(config.data.num_classes > 0).")
+  if c.optim.name not in ("adam", "adamw"):
+    raise ValueError(f"config.optim.name={c.optim.name!r}; valid: ['adam', 'adamw'].")

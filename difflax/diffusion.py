@@ -1,0 +1,279 @@
+"""Gaussian diffusion math (pure): forward process, posteriors, reverse-process parameters, VLB.
+
+Contract: a `Diffusion` is an immutable pytree of float32 coefficient arrays ([T] each) built once
+from float64 schedules (improved-DDPM's convention), plus static strings naming the model output
+("eps", "x0" or "v") and the reverse variance ("fixed_small", "fixed_large", "learned_range").
+Every function takes a `Diffusion`, arrays and chain indices `t: [B] int` and returns arrays; none
+jits, samples keys on its own or touches a mesh. A respaced `Diffusion` (from `build(...,
+timesteps=...)`) is an ordinary shorter chain whose `timestep_map[t]` is the original-chain time the
+model was trained on, which is what a denoiser must be called with.
+
+Images are x: [B, H, W, C] in [-1, 1]. Log-likelihood terms are in bits per dimension.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax import schedules
+
+MODEL_OUTPUTS = ("eps", "x0", "v")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
+
+
+@flax.struct.dataclass
+class Diffusion:
+  """Coefficients of a discrete Gaussian diffusion chain; every array is [T] float32."""
+  betas: jax.Array
+  log_betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+  fixed_large_log_variance: jax.Array
+  timestep_map: jax.Array  # [T] int32: chain index -> time the model sees.
+  model_output: str = flax.struct.field(pytree_node=False, default="eps")
+  var_type: str = flax.struct.field(pytree_node=False, default="fixed_small")
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+  @property
+  def learned_variance(self) -> bool:
+    return self.var_type == "learned_range"
+
+
+def build(betas: np.ndarray, *, model_output: str = "eps", var_type: str = "fixed_small",
+          timesteps: Optional[Sequence[int]] = None) -> Diffusion:
+  """Diffusion from float64 `betas: [T]`; with `timesteps`, the respaced chain keeping those steps.
+
+  Respacing keeps alpha_bar at the kept steps (paper 002 Eq. 10-11); since the learned variance
+  interpolates between this chain's beta and beta-tilde it rescales to the shorter chain for free.
+  """
+  if model_output not in MODEL_OUTPUTS:
+    raise ValueError(f"Unknown model_output {model_output!r}; valid: {MODEL_OUTPUTS}.")
+  if var_type not in VAR_TYPES:
+    raise ValueError(f"Unknown var_type {var_type!r}; valid: {VAR_TYPES}.")
+  betas = np.asarray(betas, dtype=np.float64)
+  if timesteps is None:
+    timestep_map = np.arange(len(betas))
+  else:
+    timestep_map = np.asarray(sorted(int(t) for t in timesteps))
+    betas = schedules.respace_betas(betas, timestep_map)
+  if not ((betas > 0).all() and (betas < 1).all()):
+    raise ValueError(f"betas must lie in (0, 1), got range [{betas.min()}, {betas.max()}]. "
+                     "linear_betas scales its default bounds by 1000/T, so T < 51 reaches "
+                     "beta=1: use more timesteps or explicit bounds.")
+  alphas = 1.0 - betas
+  acp = np.cumprod(alphas)
+  acp_prev = np.append(1.0, acp[:-1])
+  post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
+  # The posterior variance is 0 at t=0; improved-DDPM clips its log to the t=1 value.
+  post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(
+      np.maximum(post_var, 1e-20))
+  f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
+  return Diffusion(
+      betas=f32(betas), log_betas=f32(np.log(betas)), alphas_cumprod=f32(acp),
+      alphas_cumprod_prev=f32(acp_prev), sqrt_alphas_cumprod=f32(np.sqrt(acp)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - acp)),
+      sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / acp)),
+      sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / acp - 1)),
+      posterior_variance=f32(post_var), posterior_log_variance_clipped=f32(post_log_var),
+      posterior_mean_coef1=f32(betas * np.sqrt(acp_prev) / (1.0 - acp)),
+      posterior_mean_coef2=f32((1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)),
+      # DDPM's sigma^2 = beta choice; at t=0 improved-DDPM uses the posterior variance instead so
+      # the decoder term stays well defined.
+      fixed_large_log_variance=f32(np.log(np.append(post_var[1] if len(betas) > 1 else betas[0],
+                                                    betas[1:]))),
+      timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
+      model_output=model_output, var_type=var_type)
+
+
+def from_config(config: Any, respacing: Any = None) -> Diffusion:
+  """Diffusion from a `config.diffusion` block (schedule, num_timesteps, model_output, var_type).
+
+  `respacing` is a `schedules.space_timesteps` spec ("ddim50", "250", 100, ...) or None / "" for
+  the full chain.
+  """
+  t_max = int(config.num_timesteps)
+  betas = schedules.get_betas(config.schedule, t_max)
+  timesteps = None
+  if respacing not in (None, "", 0) and str(respacing) != str(t_max):
+    timesteps = schedules.space_timesteps(t_max, respacing)
+  return build(betas, model_output=config.model_output, var_type=config.var_type,
+               timesteps=timesteps)
+
+
+def _at(arr: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """arr[t] for t: [B], broadcastable against a [B, ...] array of rank `ndim`."""
+  return arr[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_mean_variance(d: Diffusion, x0, t):
+  """Mean, variance and log variance of q(x_t | x_0)."""
+  mean = _at(d.sqrt_alphas_cumprod, t, x0.ndim) * x0
+  var = _at(1.0 - d.alphas_cumprod, t, x0.ndim)
+  return mean, var, jnp.log(var)
+
+
+def q_sample(d: Diffusion, x0, t, noise):
+  """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. x0, noise: [B, ...]; t: [B]."""
+  return (_at(d.sqrt_alphas_cumprod, t, x0.ndim) * x0
+          + _at(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+
+def q_posterior_mean_variance(d: Diffusion, x0, x_t, t):
+  """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)."""
+  mean = (_at(d.posterior_mean_coef1, t, x_t.ndim) * x0
+          + _at(d.posterior_mean_coef2, t, x_t.ndim) * x_t)
+  return (mean, _at(d.posterior_variance, t, x_t.ndim),
+          _at(d.posterior_log_variance_clipped, t, x_t.ndim))
+
+
+def predict_x0_from_eps(d: Diffusion, x_t, t, eps):
+  return (_at(d.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+          - _at(d.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+
+
+def predict_eps_from_x0(d: Diffusion, x_t, t, x0):
+  return ((_at(d.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0)
+          / _at(d.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
+
+
+def v_target(d: Diffusion, x0, t, noise):
+  """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
+  return (_at(d.sqrt_alphas_cumprod, t, x0.ndim) * noise
+          - _at(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+
+def predict_x0_from_v(d: Diffusion, x_t, t, v):
+  return (_at(d.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+          - _at(d.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
+
+
+def training_target(d: Diffusion, x0, t, noise):
+  """What the network regresses onto for `d.model_output`: eps, x0 or v. [B, ...]."""
+  if d.model_output == "eps":
+    return noise
+  if d.model_output == "x0":
+    return x0
+  return v_target(d, x0, t, noise)
+
+
+def split_output(d: Diffusion, model_out, channels: int):
+  """Splits [B, H, W, C or 2C] into (mean part [.., C], variance part [.., C] or None)."""
+  if d.learned_variance:
+    if model_out.shape[-1] != 2 * channels:
+      raise ValueError(f"var_type='learned_range' needs a model with 2*{channels} output "
+                       f"channels, got {model_out.shape[-1]}.")
+    return model_out[..., :channels], model_out[..., channels:]
+  if model_out.shape[-1] != channels:
+    raise ValueError(f"Expected {channels} model output channels for var_type={d.var_type!r}, "
+                     f"got {model_out.shape[-1]}.")
+  return model_out, None
+
+
+def model_log_variance(d: Diffusion, var_out, t, ndim: int):
+  """Log variance of p(x_{t-1} | x_t).
+
+  learned_range: improved-DDPM Eq. 15, log Sigma = v log beta_t + (1 - v) log beta-tilde_t with
+  the network output in [-1, 1] mapped to v in [0, 1].
+  """
+  if d.var_type == "fixed_small":
+    return _at(d.posterior_log_variance_clipped, t, ndim)
+  if d.var_type == "fixed_large":
+    return _at(d.fixed_large_log_variance, t, ndim)
+  frac = (var_out + 1.0) / 2.0
+  return (frac * _at(d.log_betas, t, ndim)
+          + (1.0 - frac) * _at(d.posterior_log_variance_clipped, t, ndim))
+
+
+class MeanVariance(NamedTuple):
+  mean: jax.Array
+  log_variance: jax.Array
+  pred_x0: jax.Array
+  pred_eps: jax.Array
+
+
+def p_mean_variance(d: Diffusion, model_out, x_t, t, clip_denoised: bool = True) -> MeanVariance:
+  """Parameters of p(x_{t-1} | x_t) from the network output (eps / x0 / v, +variance channels).
+
+  The predicted x0 is clipped to [-1, 1] when `clip_denoised`, and eps is re-derived from the
+  clipped x0 so DDPM and DDIM updates agree (improved-DDPM does the same).
+  """
+  mean_out, var_out = split_output(d, model_out, x_t.shape[-1])
+  if d.model_output == "eps":
+    pred_x0 = predict_x0_from_eps(d, x_t, t, mean_out)
+  elif d.model_output == "x0":
+    pred_x0 = mean_out
+  else:
+    pred_x0 = predict_x0_from_v(d, x_t, t, mean_out)
+  if clip_denoised:
+    pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+  pred_eps = predict_eps_from_x0(d, x_t, t, pred_x0)
+  mean, _, _ = q_posterior_mean_variance(d, pred_x0, x_t, t)
+  log_var = jnp.broadcast_to(model_log_variance(d, var_out, t, x_t.ndim), x_t.shape)
+  return MeanVariance(mean, log_var, pred_x0, pred_eps)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+  """Fast tanh approximation of the standard normal CDF (improved-DDPM)."""
+  return 0.5 * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+  """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2).
+
+  Each bin has width 2/255; the edge bins extend to -inf / +inf (DDPM's decoder L_0). Returns
+  natural-log likelihoods with the shape of x.
+  """
+  centered = x - means
+  inv_std = jnp.exp(-log_scales)
+  cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+  cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  cdf_delta = cdf_plus - cdf_min
+  return jnp.where(x < -0.999, log_cdf_plus,
+                   jnp.where(x > 0.999, log_one_minus_cdf_min,
+                             jnp.log(jnp.maximum(cdf_delta, 1e-12))))
+
+
+def mean_flat(x):
+  """Mean over all but the batch axis: [B, ...] -> [B]."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def vb_terms_bpd(d: Diffusion, model_out, x0, x_t, t, clip_denoised: bool = False):
+  """L_t of the VLB in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL
+  -log p(x0|x1) for t == 0. Returns ([B] bits/dim, MeanVariance)."""
+  true_mean, _, true_log_var = q_posterior_mean_variance(d, x0, x_t, t)
+  out = p_mean_variance(d, model_out, x_t, t, clip_denoised=clip_denoised)
+  kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / np.log(2.0)
+  nll = -mean_flat(discretized_gaussian_log_likelihood(
+      x0, out.mean, 0.5 * out.log_variance)) / np.log(2.0)
+  return jnp.where(t == 0, nll, kl), out
+
+
+def prior_bpd(d: Diffusion, x0):
+  """KL(q(x_T | x0) || N(0, I)) in bits/dim, [B]: the VLB's L_T (no learnable part)."""
+  t = jnp.full((x0.shape[0],), d.num_timesteps - 1, dtype=jnp.int32)
+  mean, _, log_var = q_mean_variance(d, x0, t)
+  return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / np.log(2.0)

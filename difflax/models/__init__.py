@@ -1,0 +1,33 @@
+"""Model registry: networks are chosen by name from `config.model.name`.
+
+Contract: `build_model(config)` returns an unbound Flax module whose `__call__(x, t, y=None,
+low_res=None, aug_level=None, train=False)` follows `difflax.models.unet.UNet`. The number of output
+channels and learned-variance head are derived from `config.data` and `config.diffusion` so a config
+cannot disagree with itself.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from difflax.models.unet import UNet
+
+MODELS = {"unet": UNet}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model(config):
+  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks."""
+  m = config.model
+  if m.name not in MODELS:
+    raise ValueError(f"Unknown model {m.name!r}; valid names: {sorted(MODELS)}.")
+  if m.dtype not in DTYPES:
+    raise ValueError(f"Unknown model.dtype {m.dtype!r}; valid: {sorted(DTYPES)}.")
+  return MODELS[m.name](
+      ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+      head_channels=m.head_channels, dropout=m.dropout,
+      use_scale_shift_norm=m.use_scale_shift_norm, num_groups=m.num_groups,
+      learn_sigma=config.diffusion.var_type == "learned_range",
+      out_channels=config.data.channels,
+      num_classes=config.data.num_classes if m.class_conditional else 0,
+      dtype=DTYPES[m.dtype])

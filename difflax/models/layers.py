@@ -1,0 +1,107 @@
+"""UNet building blocks (Flax linen): time embedding, residual block, self-attention, resampling.
+
+Contract: blocks take NHWC activations `h: [B, H, W, C]` and the conditioning embedding
+`emb: [B, E]`; `dtype` is the compute dtype (params stay float32). Layout and initialisation follow
+improved-DDPM's UNet: GroupNorm + SiLU before each conv, the last conv of every residual branch and
+the attention output projection zero-initialised so each block starts as the identity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of (possibly continuous) times t: [B] -> [B, dim] float32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(channels: int, num_groups: int, name: str | None = None):
+  groups = math.gcd(num_groups, channels)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, name=name)
+
+
+class ResBlock(nn.Module):
+  """Residual block with the embedding added (or FiLM scale-shift, improved-DDPM Sec. 3) between
+  its two convolutions."""
+  out_ch: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    h = nn.silu(group_norm(x.shape[-1], self.num_groups, "norm_0")(x))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv_0")(h)
+    emb_out = nn.Dense(2 * self.out_ch if self.use_scale_shift_norm else self.out_ch,
+                       dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None, :]
+    norm = group_norm(self.out_ch, self.num_groups, "norm_1")
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = norm(h) * (1 + scale) + shift
+    else:
+      h = norm(h + emb_out)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                name="conv_1")(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(x)
+    return (x + h).astype(self.dtype)
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all spatial positions with a residual connection."""
+  num_heads: int = 1
+  head_channels: int = -1
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    heads = c // self.head_channels if self.head_channels > 0 else self.num_heads
+    if c % heads:
+      raise ValueError(f"{c} channels do not split into {heads} attention heads.")
+    h = group_norm(c, self.num_groups, "norm")(x)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+    q, k, v = einops.rearrange(qkv, "b h w (three n d) -> three b n (h w) d", three=3, n=heads)
+    scale = 1.0 / math.sqrt(c // heads)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bnqk,bnkd->bnqd", weights, v)
+    out = einops.rearrange(out, "b n (h w) d -> b h w (n d)", h=hgt, w=wid)
+    out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
+    return (x + out).astype(self.dtype)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 convolution: [B, H, W, C] -> [B, H/2, W/2, C]."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour 2x upsampling then a 3x3 convolution."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = einops.repeat(x, "b h w c -> b (h h2) (w w2) c", h2=2, w2=2)
+    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv")(x)

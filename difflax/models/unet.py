@@ -1,0 +1,151 @@
+"""The DDPM / improved-DDPM UNet (Ho et al. 2020 App. B; Nichol & Dhariwal 2021).
+
+Contract: `UNet(...)(x, t, y=None, low_res=None, aug_level=None, train=False)` maps
+x: [B, H, W, C] and times t: [B] (int or continuous float) to [B, H, W, C] (or 2C with
+`learn_sigma`: mean and variance-interpolation channels).
+
+Parameter names carry the resolution they act at, so progressive growth can add an outer level by
+tree surgery without renaming anything that exists: `in_32` (input conv), `down_32`, `down_16`,
+..., `mid`, ..., `up_16`, `up_32`, `out_32` (norm + output conv) for a 32x32 input. Each up level
+consumes only skips made at its own resolution (the input conv / previous downsample and its own
+down level's blocks), so levels are self-contained.
+
+Conditioning for later stages, all optional and off by default:
+  y          class labels [B] int; `num_classes` ids plus a null id `num_classes` (for
+             classifier-free guidance dropout); y=None means the null id.
+  low_res    [B, h, w, C'] image, resized to H x W and concatenated channel-wise (cascade SR).
+  aug_level  [B] float, embedded like time and added to the time embedding (CDM augmentation s).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from difflax.models import layers
+
+Dtype = Any
+
+
+class DownLevel(nn.Module):
+  out_ch: int
+  num_res_blocks: int
+  use_attn: bool
+  downsample: bool
+  block_kwargs: dict
+  attn_kwargs: dict
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, emb, train):
+    skips = []
+    for i in range(self.num_res_blocks):
+      h = layers.ResBlock(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
+          h, emb, train)
+      if self.use_attn:
+        h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
+      skips.append(h)
+    return h, skips
+
+
+class UpLevel(nn.Module):
+  out_ch: int
+  num_res_blocks: int
+  use_attn: bool
+  upsample: bool
+  block_kwargs: dict
+  attn_kwargs: dict
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, skips, emb, train):
+    for i in range(self.num_res_blocks + 1):
+      h = jnp.concatenate([h, skips.pop()], axis=-1)
+      h = layers.ResBlock(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
+          h, emb, train)
+      if self.use_attn:
+        h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
+    if self.upsample:
+      h = layers.Upsample(dtype=self.dtype, name="upsample")(h)
+    return h
+
+
+class UNet(nn.Module):
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  num_heads: int = 1
+  head_channels: int = -1
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  num_groups: int = 32
+  learn_sigma: bool = False
+  out_channels: Optional[int] = None
+  num_classes: int = 0
+  aug_level_cond: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, y=None, low_res=None, aug_level=None, train: bool = False):
+    batch, res, _, channels = x.shape
+    if res % 2 ** (len(self.ch_mult) - 1):
+      raise ValueError(f"Resolution {res} is not divisible by 2^{len(self.ch_mult) - 1} "
+                       f"(ch_mult={tuple(self.ch_mult)}): pick a resolution or fewer levels.")
+    out_ch = self.out_channels or channels
+    emb_dim = 4 * self.ch
+    emb = layers.timestep_embedding(jnp.broadcast_to(t, (batch,)), self.ch)
+    emb = nn.Dense(emb_dim, name="time_mlp_0")(emb)
+    emb = nn.Dense(emb_dim, name="time_mlp_1")(nn.silu(emb))
+    if self.num_classes:
+      labels = (jnp.full((batch,), self.num_classes, jnp.int32) if y is None
+                else jnp.asarray(y, jnp.int32))
+      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="label_emb")(labels)
+    if self.aug_level_cond:
+      level = jnp.zeros((batch,)) if aug_level is None else jnp.broadcast_to(aug_level, (batch,))
+      aug = nn.Dense(emb_dim, name="aug_mlp_0")(layers.timestep_embedding(level, self.ch))
+      emb = emb + nn.Dense(emb_dim, name="aug_mlp_1")(nn.silu(aug))
+    if low_res is not None:
+      up = jax.image.resize(low_res, (batch, res, res, low_res.shape[-1]), "bilinear")
+      x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
+    emb = emb.astype(self.dtype)
+
+    block_kwargs = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                        num_groups=self.num_groups)
+    attn_kwargs = dict(num_heads=self.num_heads, head_channels=self.head_channels,
+                       num_groups=self.num_groups)
+    resolutions = [res // 2 ** i for i in range(len(self.ch_mult))]
+
+    h = nn.Conv(self.ch * self.ch_mult[0], (3, 3), dtype=self.dtype, name=f"in_{res}")(
+        x.astype(self.dtype))
+    skips = [h]
+    for i, (mult, r) in enumerate(zip(self.ch_mult, resolutions)):
+      h, level_skips = DownLevel(self.ch * mult, self.num_res_blocks, r in self.attn_resolutions,
+                                 downsample=False, block_kwargs=block_kwargs,
+                                 attn_kwargs=attn_kwargs, dtype=self.dtype, name=f"down_{r}")(
+                                     h, emb, train)
+      skips += level_skips
+      if i < len(self.ch_mult) - 1:
+        # The downsample's output is the skip of the next level's resolution; it belongs to the
+        # level it produces so that each level only sees skips at its own size.
+        h = layers.Downsample(dtype=self.dtype, name=f"downsample_{r}")(h)
+        skips.append(h)
+
+    mid_ch = self.ch * self.ch_mult[-1]
+    h = layers.ResBlock(mid_ch, dtype=self.dtype, name="mid_res_0", **block_kwargs)(h, emb, train)
+    h = layers.AttentionBlock(dtype=self.dtype, name="mid_attn", **attn_kwargs)(h)
+    h = layers.ResBlock(mid_ch, dtype=self.dtype, name="mid_res_1", **block_kwargs)(h, emb, train)
+
+    for i in reversed(range(len(self.ch_mult))):
+      r = resolutions[i]
+      h = UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, r in self.attn_resolutions,
+                  upsample=i > 0, block_kwargs=block_kwargs, attn_kwargs=attn_kwargs,
+                  dtype=self.dtype, name=f"up_{r}")(h, skips, emb, train)
+    assert not skips, "every skip must be consumed"
+
+    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, f"out_norm_{res}")(h))
+    h = nn.Conv(out_ch * (2 if self.learn_sigma else 1), (3, 3), dtype=self.dtype,
+                kernel_init=nn.initializers.zeros, name=f"out_{res}")(h)
+    return h.astype(jnp.float32)

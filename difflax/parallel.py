@@ -1,0 +1,114 @@
+"""Meshes, sharding rules and multi-host helpers.
+
+Contract: `make_mesh(config.mesh)` builds a 2-D `Mesh` with axes ("data", "fsdp"). Batches are
+sharded over both axes (`batch_sharding`); parameters, EMA parameters and optimizer state are
+replicated, or with `fsdp > 1` sharded along their largest dimension divisible by the fsdp size
+when they are at least `fsdp_min_size` elements and their path does not match
+`fsdp_exclude` (`state_shardings`). Host-local numpy batches become global arrays with
+`host_to_global`. Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices,
+a GPU host or a TPU pod.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = P(AXES)
+FSDP_EXCLUDE = r"norm|bias|label_emb"
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+  """Calls `jax.distributed.initialize()` for multi-process launches.
+
+  mode "on" always initialises (auto-detecting TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID); "auto" does so only when such a cluster is detected.
+  """
+  if mode == "off":
+    return
+  env = os.environ
+  detected = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+              or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if mode == "on" or detected:
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Mesh of shape (data, fsdp); data=-1 takes every device not used by fsdp."""
+  devices = list(jax.devices() if devices is None else devices)
+  n, fsdp = len(devices), int(mesh_config.fsdp)
+  data = n // fsdp if int(mesh_config.data) == -1 else int(mesh_config.data)
+  if fsdp < 1 or data * fsdp != n:
+    raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not "
+                     f"cover the {n} available devices; use data=-1 to take the rest.")
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+  except Exception:  # Non-TPU topologies without a physical layout.
+    grid = np.asarray(devices).reshape(data, fsdp)
+  return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def path_str(path) -> str:
+  """'params/down_32/res_0/conv_0/kernel' for a jax key path."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def partition_spec(path: str, shape, fsdp_size: int, min_size: int,
+                   exclude: str = FSDP_EXCLUDE) -> P:
+  """FSDP rule for one leaf: shard its largest dim divisible by the fsdp axis, else replicate."""
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size or re.search(exclude, path):
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, mesh_config) -> Any:
+  """NamedShardings for every leaf of a (abstract) state pytree, by the path rule above."""
+  fsdp = mesh.shape["fsdp"]
+
+  def rule(path, leaf):
+    shape = getattr(leaf, "shape", ())
+    return NamedSharding(mesh, partition_spec(path_str(path), shape, fsdp,
+                                              int(mesh_config.fsdp_min_size)))
+  return jax.tree_util.tree_map_with_path(rule, abstract_state)
+
+
+def host_to_global(batch: dict, mesh: Mesh) -> dict:
+  """Assembles this process's numpy batch slices into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def to_host(x: Any) -> Any:
+  """Fully replicated numpy copy of a (possibly multi-host sharded) pytree."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.device_get(x)

@@ -1,0 +1,100 @@
+"""Samplers (pure, `lax.scan`; no jit, pmap or mesh inside).
+
+Contract: every sampler is `fn(denoise_fn, diffusion, shape, key, **options) -> x0: shape` where
+`denoise_fn(x_t: [B, H, W, C], t: [B]) -> [B, H, W, C or 2C]` is the network with its params and
+conditioning closed over, called with the model time `diffusion.timestep_map[t]`. A respaced
+`Diffusion` (`diffusion.from_config(cfg, respacing="ddim50")`) makes any sampler run on that
+subsequence; its learned variance rescales automatically (paper 002 Sec. 2.2.2). The caller jits
+and shards (e.g. `jax.jit(partial(sample, ...), out_shardings=...)`), so training previews,
+evaluation and the CLI share these functions.
+
+All reverse-process math comes from `difflax.diffusion.p_mean_variance`; the samplers only choose
+the update. Per-step noise is `fold_in(step_key, i)` for chain index i in both DDPM and DDIM, so
+DDIM with eta=1 reproduces ancestral sampling with fixed-small variance step for step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from difflax import diffusion as diff_lib
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _init(d: diff_lib.Diffusion, shape, key, x_T):
+  init_key, step_key = jax.random.split(key)
+  x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
+  return x, step_key
+
+
+def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
+                clip_denoised: bool = True, x_T: Optional[jax.Array] = None) -> jax.Array:
+  """Ancestral sampling (DDPM Algorithm 2) with the configured reverse variance. x: shape."""
+  x, step_key = _init(d, shape, key, x_T)
+
+  def body(x, i):
+    t = jnp.full((shape[0],), i, dtype=jnp.int32)
+    out = diff_lib.p_mean_variance(d, denoise_fn(x, d.timestep_map[t]), x, t, clip_denoised)
+    z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)
+    x = out.mean + (i > 0) * jnp.exp(0.5 * out.log_variance) * z
+    return x, None
+
+  x, _ = jax.lax.scan(body, x, jnp.arange(d.num_timesteps - 1, -1, -1))
+  return x
+
+
+def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta: float = 0.0,
+                clip_denoised: bool = True, x_T: Optional[jax.Array] = None) -> jax.Array:
+  """DDIM (Song et al. 2021, Eq. 12): eta=0 deterministic, eta=1 the ancestral DDPM chain."""
+  x, step_key = _init(d, shape, key, x_T)
+
+  def body(x, i):
+    t = jnp.full((shape[0],), i, dtype=jnp.int32)
+    out = diff_lib.p_mean_variance(d, denoise_fn(x, d.timestep_map[t]), x, t, clip_denoised)
+    a, a_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
+    sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a)) * jnp.sqrt(1 - a / a_prev)
+    mean = (out.pred_x0 * jnp.sqrt(a_prev)
+            + jnp.sqrt(jnp.maximum(1 - a_prev - sigma ** 2, 0.0)) * out.pred_eps)
+    z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)
+    return mean + (i > 0) * sigma * z, None
+
+  x, _ = jax.lax.scan(body, x, jnp.arange(d.num_timesteps - 1, -1, -1))
+  return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def get_sampler(name: str) -> Callable:
+  if name not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}.")
+  return SAMPLERS[name]
+
+
+def sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, method: str = "ddim",
+           eta: float = 0.0, clip_denoised: bool = True,
+           x_T: Optional[jax.Array] = None) -> jax.Array:
+  """Dispatches to the sampler registered as `method` ("ddpm" or "ddim")."""
+  kwargs = {"eta": eta} if method == "ddim" else {}
+  return get_sampler(method)(denoise_fn, d, shape, key, clip_denoised=clip_denoised, x_T=x_T,
+                             **kwargs)
+
+
+def classifier_free_guidance(apply_fn: Callable, labels: jax.Array, null_label: int,
+                             weight: float, channels: int) -> DenoiseFn:
+  """Denoiser with classifier-free guidance (Ho & Salimans 2022).
+
+  `apply_fn(x, t, labels) -> [B, H, W, C or 2C]`. The conditional and unconditional passes run as
+  one batch of 2B; the mean channels become (1 + w) * cond - w * uncond, the variance channels (if
+  any) stay conditional. weight=0 is the plain conditional model.
+  """
+  def denoise_fn(x, t):
+    both = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+    cond, uncond = jnp.split(both, 2)
+    guided = (1 + weight) * cond[..., :channels] - weight * uncond[..., :channels]
+    return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+  return denoise_fn

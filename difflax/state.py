@@ -1,0 +1,63 @@
+"""Training state and optimiser construction.
+
+Contract: `TrainState` is one pytree (step, params, ema_params, opt_state) with no RNG inside:
+randomness comes from `fold_in(base_key, step)`, so a restored state continues bit-identically.
+`make_optimizer(config.optim, num_steps)` returns (optax transformation, lr schedule);
+`init_state(model, optimizer, config, key)` is a pure function suitable for `jax.eval_shape`
+(abstract state) and for a jit with output shardings (the real, sharded allocation).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(optim_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam / AdamW with linear warmup to a constant lr and optional global-norm clipping."""
+  c = optim_config
+  schedule = optax.linear_schedule(0.0, c.lr, max(int(c.warmup_steps), 1))
+  if c.name == "adam":
+    opt = optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
+  elif c.name == "adamw":
+    opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+  else:
+    raise ValueError(f"Unknown optimizer {c.name!r}; valid: ['adam', 'adamw'].")
+  if c.grad_clip and c.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
+  return opt, schedule
+
+
+def dummy_inputs(config, batch: int = 1) -> dict:
+  """Inputs with the right shapes to initialise the model for `config`."""
+  r, ch = config.data.resolution, config.data.channels
+  kwargs = {"x": jnp.zeros((batch, r, r, ch), jnp.float32), "t": jnp.zeros((batch,), jnp.float32)}
+  if config.model.class_conditional:
+    kwargs["y"] = jnp.zeros((batch,), jnp.int32)
+  return kwargs
+
+
+def init_state(model, optimizer: optax.GradientTransformation, config, key) -> TrainState:
+  params = model.init({"params": key}, **dummy_inputs(config))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    opt_state=optimizer.init(params))
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+  """EMA decay; with `warmup`, min(decay, (1 + step) / (10 + step)) so short runs' EMA is usable."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))

@@ -1,0 +1,55 @@
+"""The train step: schedule + loss + model apply + optimiser + EMA in one pure function.
+
+Contract: `make_train_step(model, diffusion, optimizer, lr_schedule, config, base_key)` returns
+`train_step(state, batch) -> (state, metrics)`, pure and unjitted; `train.py` jits it once per
+architecture with shardings and donated state. Per-step randomness (timesteps, noise, dropout,
+label dropout) is `fold_in(base_key, state.step)`, so the step is a function of (state, batch)
+alone. Metrics are batch means: loss, mse and/or vb (bits/dim), grad_norm, lr.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from difflax import losses
+from difflax import state as state_lib
+
+
+def make_train_step(model, diffusion, optimizer, lr_schedule, config, base_key):
+  num_classes = config.data.num_classes if config.model.class_conditional else 0
+
+  def train_step(state: state_lib.TrainState, batch: dict):
+    x0 = batch["image"]
+    key = jax.random.fold_in(base_key, state.step)
+    k_t, k_noise, k_drop, k_label = jax.random.split(key, 4)
+    t = losses.sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    labels = None
+    if num_classes:
+      # Classifier-free guidance training: replace labels by the null id with prob p.
+      drop = jax.random.bernoulli(k_label, config.model.label_dropout, (x0.shape[0],))
+      labels = jnp.where(drop, num_classes, batch["label"])
+
+    def loss_fn(params):
+      def denoise_fn(x_t, t_model):
+        return model.apply({"params": params}, x_t, t_model, y=labels, train=True,
+                           rngs={"dropout": k_drop})
+      terms = losses.training_losses(diffusion, denoise_fn, x0, t, noise,
+                                     loss_type=config.loss.type,
+                                     vlb_weight=config.loss.vlb_weight)
+      return terms["loss"].mean(), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = state_lib.ema_decay_at(state.step, config.optim.ema_decay, config.optim.ema_warmup)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                 state.ema_params, params)
+    metrics = {k: v.mean() for k, v in terms.items() if k != "loss"}
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,352 @@
+"""The one training loop, plus the sample and eval modes that share its setup.
+
+Contract: `run(config, workdir, mode)` with mode "train" | "sample" | "eval". Train: mesh -> data
+-> abstract state (`eval_shape`) -> shardings -> restore latest checkpoint or init -> loop (jitted
+step, metrics, checkpoints, previews, evals) -> final checkpoint. A SIGTERM saves a checkpoint and
+returns; a NaN loss stops the run with a message and no checkpoint of the bad state. Outputs in
+`workdir`: config.json, checkpoints/, samples/step_XXXXXX.png, eval/*.json and TensorBoard events.
+Sample: latest checkpoint's EMA params -> `config.sample.num` images, sharded over the mesh, as a
+PNG grid and an .npz of uint8. Eval: bits/dim on the eval split (the full VLB over all t).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from difflax import checkpoint as ckpt_lib
+from difflax import config as config_lib
+from difflax import data as data_lib
+from difflax import diffusion as diff_lib
+from difflax import images as images_lib
+from difflax import losses
+from difflax import models
+from difflax import parallel
+from difflax import samplers
+from difflax import state as state_lib
+from difflax import step as step_lib
+
+MODES = ("train", "sample", "eval")
+
+
+# ------------------------------------------------------------------------------------- Setup
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  workdir: str
+  mesh: Any
+  model: Any
+  diffusion: diff_lib.Diffusion
+  optimizer: Any
+  lr_schedule: Any
+  init_fn: Any
+  abstract_state: Any
+  shardings: Any
+  checkpointer: ckpt_lib.Checkpointer
+  keys: dict
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return parallel.batch_sharding(self.mesh)
+
+  def meta(self, state) -> dict:
+    return {"step": int(jax.device_get(state.step)),
+            "param_shapes": ckpt_lib.param_shapes(self.abstract_state.params),
+            "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution}
+
+
+def setup(config, workdir: str) -> Setup:
+  """Everything but data and allocated state; cheap (shapes only)."""
+  mesh = parallel.make_mesh(config.mesh)
+  model = models.build_model(config)
+  diffusion = diff_lib.from_config(config.diffusion)
+  optimizer, lr_schedule = state_lib.make_optimizer(config.optim)
+  base = jax.random.key(config.seed)
+  keys = dict(zip(("init", "step", "preview", "eval"), jax.random.split(base, 4)))
+  init_fn = functools.partial(state_lib.init_state, model, optimizer, config)
+  abstract = jax.eval_shape(init_fn, keys["init"])
+  shardings = parallel.state_shardings(abstract, mesh, config.mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=config.train.keep_checkpoints)
+  return Setup(config, workdir, mesh, model, diffusion, optimizer, lr_schedule, init_fn,
+               abstract, shardings, checkpointer, keys)
+
+
+def restore_or_init(s: Setup):
+  """(state, restored?) — the latest checkpoint if any, else a fresh sharded init."""
+  if s.checkpointer.latest_step() is not None:
+    target = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        s.abstract_state, s.shardings)
+    state, meta = s.checkpointer.restore(target)
+    logging.info("Restored step %d from %s", meta["step"], s.checkpointer.directory)
+    return state, True
+  return jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"]), False
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ------------------------------------------------------------------------------------ Sample
+def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
+  k = config.data.num_classes if config.model.class_conditional else 0
+  if not k:
+    return np.zeros((n,), np.int32)
+  if config.sample.label >= 0:
+    return np.full((n,), config.sample.label, np.int32)
+  return ((np.arange(n) + offset) % k).astype(np.int32)
+
+
+def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
+                   guidance: float = 0.0, clip_denoised: bool = True):
+  """Jitted `(params, key, labels: [B]) -> images [B, H, W, C]`, sharded over the batch axes.
+
+  The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
+  batch over devices.
+  """
+  c = s.config
+  d = diff_lib.from_config(c.diffusion, respacing=respacing)
+  num_classes = c.data.num_classes if c.model.class_conditional else 0
+  shape_hw = (c.data.resolution, c.data.resolution, c.data.channels)
+  sharding = s.batch_sharding
+
+  def sample_fn(params, key, labels):
+    def apply(x, t, y):
+      x = jax.lax.with_sharding_constraint(x, sharding)
+      return s.model.apply({"params": params}, x, t, y=y if num_classes else None)
+    if num_classes and guidance:
+      denoise = samplers.classifier_free_guidance(apply, labels, num_classes, guidance,
+                                                  c.data.channels)
+    else:
+      denoise = lambda x, t: apply(x, t, labels)
+    return samplers.sample(denoise, d, (labels.shape[0],) + shape_hw, key, method=method,
+                           eta=eta, clip_denoised=clip_denoised)
+
+  return jax.jit(sample_fn, in_shardings=(s.shardings.params, None, sharding),
+                 out_shardings=sharding)
+
+
+def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
+             label_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`num` uint8 images [num, H, W, C] (and labels) in sharded batches of `batch_size`."""
+  devices = s.mesh.devices.size
+  batch_size = max(devices, (batch_size // devices) * devices)
+  out, labs = [], []
+  for i, lo in enumerate(range(0, num, batch_size)):
+    labels = class_labels(s.config, batch_size, label_offset + lo)
+    y = jax.device_put(labels, s.batch_sharding)
+    x = sample_fn(params, jax.random.fold_in(key, i), y)
+    out.append(images_lib.to_uint8(parallel.to_host(x)))
+    labs.append(labels)
+  return np.concatenate(out)[:num], np.concatenate(labs)[:num]
+
+
+def sample(config, workdir: str) -> dict:
+  """--mode=sample: PNG grid + .npz of `config.sample.num` images from the latest checkpoint."""
+  s = setup(config, workdir)
+  if s.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {s.checkpointer.directory}: train first with "
+                            f"--mode=train --workdir={workdir}.")
+  state, _ = restore_or_init(s)
+  c = config.sample
+  fn = make_sample_fn(s, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised)
+  params = state.ema_params if c.use_ema else state.params
+  t0 = time.perf_counter()
+  imgs, labels = generate(s, fn, params, jax.random.key(c.seed), c.num, c.batch_size)
+  secs = time.perf_counter() - t0
+  step = int(jax.device_get(state.step))
+  tag = f"sample_step{step:06d}_{c.sampler}{c.steps or 'all'}"
+  out_dir = os.path.join(workdir, "samples")
+  result = {"num": int(len(imgs)), "seconds": secs, "step": step}
+  if jax.process_index() == 0:
+    result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),
+                                        images_lib.make_grid(imgs[:256]))
+    result["npz"] = os.path.join(out_dir, tag + ".npz")
+    np.savez(result["npz"], images=imgs, labels=labels)
+  logging.info("Sampled %d images in %.1fs: %s", len(imgs), secs, result)
+  return result
+
+
+# -------------------------------------------------------------------------------------- Eval
+def make_bpd_fn(s: Setup):
+  """Jitted `(params, x0: [B, H, W, C], labels: [B], key) -> {name: [B]}` bits/dim over all T."""
+  conditional = s.config.model.class_conditional
+
+  def bpd_fn(params, x0, labels, key):
+    def denoise(x, t):
+      x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
+      return s.model.apply({"params": params}, x, t, y=labels if conditional else None)
+    out = losses.bits_per_dim(s.diffusion, denoise, x0, key)
+    return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
+            "decoder_bpd": out["vb"][:, 0]}
+
+  return jax.jit(bpd_fn, in_shardings=(s.shardings.params, s.batch_sharding, s.batch_sharding,
+                                       None))
+
+
+def eval_bpd(s: Setup, params, bpd_fn, step: int) -> dict:
+  c = s.config
+  it = data_lib.make_iterator(c.data, s.mesh, seed=c.seed, split=c.data.eval_split,
+                              batch_size=c.eval.batch_size)
+  totals = []
+  for i in range(c.eval.num_batches):
+    batch = next(it)
+    out = parallel.to_host(bpd_fn(params, batch["image"], batch["label"],
+                                  jax.random.fold_in(s.keys["eval"], i)))
+    totals.append(out["total_bpd"])
+  bpd = np.concatenate(totals)
+  return {"eval_bpd": float(bpd.mean()), "eval_bpd_sem": float(bpd.std() / np.sqrt(len(bpd))),
+          "eval_examples": int(len(bpd)), "step": step}
+
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: bits/dim of the latest checkpoint's EMA params on the eval split."""
+  s = setup(config, workdir)
+  if s.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {s.checkpointer.directory}: train first.")
+  state, _ = restore_or_init(s)
+  step = int(jax.device_get(state.step))
+  result = eval_bpd(s, state.ema_params, make_bpd_fn(s), step)
+  _write_json(os.path.join(workdir, "eval", f"bpd_step{step:06d}.json"), result)
+  logging.info("Eval: %s", result)
+  return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------- Train
+class _StopOnSignal:
+  """Turns SIGTERM (pod preemption, `kill`) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(metrics: dict, step: int, workdir: str) -> None:
+  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"Non-finite training metrics {bad} by step {step}. The state was not checkpointed; the "
+        f"last good checkpoint in {workdir}/checkpoints is kept and a rerun resumes from it. Try a "
+        "lower config.optim.lr, config.optim.grad_clip=1.0, or check the data for NaNs.")
+
+
+def train(config, workdir: str) -> dict:
+  """Trains until `config.train.num_steps`, resuming from the latest checkpoint in `workdir`."""
+  from clu import metric_writers, periodic_actions
+  c = config
+  s = setup(config, workdir)
+  # ---- Model / state
+  state, restored = restore_or_init(s)
+  start = int(jax.device_get(state.step))
+  logging.info("Model %s: %d parameters; %s at step %d; mesh %s", c.model.name,
+               num_params(s.abstract_state.params), "resumed" if restored else "initialised",
+               start, dict(s.mesh.shape))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start >= c.train.num_steps:
+    logging.info("Already trained to step %d >= num_steps=%d.", start, c.train.num_steps)
+    return {"step": start}
+  # ---- Input
+  it = data_lib.make_iterator(c.data, s.mesh, seed=c.seed, start_step=start)
+  batch = next(it)
+  # ---- Update step, compiled once ahead of time so its cost is reported separately.
+  batch_shardings = jax.tree_util.tree_map(lambda _: s.batch_sharding, batch)
+  step_fn = step_lib.make_train_step(s.model, s.diffusion, s.optimizer, s.lr_schedule, c,
+                                     s.keys["step"])
+  t0 = time.perf_counter()
+  train_step = jax.jit(step_fn, in_shardings=(s.shardings, batch_shardings),
+                       out_shardings=(s.shardings, parallel.replicated(s.mesh)),
+                       donate_argnums=(0,)).lower(state, batch).compile()
+  compile_secs = time.perf_counter() - t0
+  logging.info("Compiled the train step in %.1fs", compile_secs)
+  preview_fn = (make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
+                if c.train.preview_every else None)
+  bpd_fn = make_bpd_fn(s) if c.train.eval_every else None
+  report = periodic_actions.ReportProgress(num_train_steps=c.train.num_steps, writer=writer,
+                                           every_secs=30.0)
+  # ---- Loop
+  pending, window_start, last = [], time.perf_counter(), {}
+  with _StopOnSignal() as stop:
+    for step in range(start + 1, c.train.num_steps + 1):
+      if step > start + 1:
+        batch = next(it)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      report(step)
+      final = step == c.train.num_steps or stop.requested
+      if step % c.train.log_every == 0 or final or step % c.train.checkpoint_every == 0:
+        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        _check_finite(means, step, workdir)
+        secs = time.perf_counter() - window_start
+        means.update(steps_per_sec=len(pending) / secs,
+                     images_per_sec=len(pending) * c.data.batch_size / secs)
+        if step == start + len(pending):
+          means["compile_secs"] = compile_secs
+        writer.write_scalars(step, means)
+        last, pending, window_start = means, [], time.perf_counter()
+      if step % c.train.checkpoint_every == 0 or final:
+        s.checkpointer.save(step, state, s.meta(state))
+      if preview_fn is not None and (step % c.train.preview_every == 0 or final):
+        imgs, _ = generate(s, preview_fn, state.ema_params, s.keys["preview"],
+                           c.train.preview_num, c.train.preview_num)
+        grid = images_lib.make_grid(imgs)
+        if jax.process_index() == 0:
+          images_lib.save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
+        writer.write_images(step, {"samples": grid[None]})
+      if bpd_fn is not None and (step % c.train.eval_every == 0 or final):
+        result = eval_bpd(s, state.ema_params, bpd_fn, step)
+        writer.write_scalars(step, {k: v for k, v in result.items() if k != "step"})
+        _write_json(os.path.join(workdir, "eval", f"bpd_step{step:06d}.json"), result)
+      window_start = max(window_start, time.perf_counter()) if not pending else window_start
+      if stop.requested:
+        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
+                        step)
+        break
+  writer.flush()
+  s.checkpointer.close()
+  return {"step": int(jax.device_get(state.step)), "compile_secs": compile_secs, **last}
+
+
+# --------------------------------------------------------------------------------------- Run
+def run(config, workdir: str, mode: str = "train") -> dict:
+  """Validates `config`, records it as workdir/config.json and runs `mode`."""
+  if mode not in MODES:
+    raise ValueError(f"Unknown --mode={mode!r}; valid: {MODES}.")
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if mode == "train":
+    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  return {"train": train, "sample": sample, "eval": evaluate}[mode](config, workdir)
