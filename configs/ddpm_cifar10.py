@@ -4,7 +4,7 @@
   python -m difflax.main --config=configs/ddpm_cifar10.py:paper --workdir=runs/ddpm   # paper, TPU/GPU
   python -m difflax.main --config=configs/ddpm_cifar10.py:tiny --workdir=/tmp/t       # smoke test
 
-Presets (comma-separated after ':'): paper | tiny, plus key=value for num_steps, batch, resolution.
+Presets (comma-separated after ':'): paper | tiny, plus num_steps= batch= resolution= dataset=.
 """
 from difflax import config as config_lib
 
@@ -45,10 +45,5 @@ def get_config(arg=None):
     c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
     c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500)
 
-  if "num_steps" in kv:
-    c.train.num_steps = int(kv["num_steps"])
-  if "batch" in kv:
-    c.data.batch_size = int(kv["batch"])
-  if "resolution" in kv:
-    c.data.resolution = int(kv["resolution"])
+  config_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

@@ -123,6 +123,20 @@ def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   return presets, kv
 
 
+# `:key=value` shorthands every config file accepts (the full key works too via --config.x.y).
+SHORTHANDS = {"num_steps": ("train", "num_steps", int), "batch": ("data", "batch_size", int),
+              "resolution": ("data", "resolution", int), "dataset": ("data", "name", str)}
+
+
+def apply_shorthands(c: ml_collections.ConfigDict, kv: dict, config_name: str) -> None:
+  for k, v in kv.items():
+    if k not in SHORTHANDS:
+      raise ValueError(f"Unknown ':{k}=...' for {config_name}; valid: {sorted(SHORTHANDS)} "
+                       "(or override any field with --config.<path>=value).")
+    block, field, typ = SHORTHANDS[k]
+    c[block][field] = typ(v)
+
+
 def check_presets(presets, known, config_name: str):
   unknown = [p for p in presets if p not in known]
   if unknown:

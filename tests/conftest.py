@@ -1,0 +1,43 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and shared tiny configs."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Identical programs compiled by several tests (and their CLI subprocesses) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "difflax-test-jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def load_config(name: str, arg: str = "tiny"):
+  """get_config(arg) of configs/<name>.py, unlocked for the test to edit."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.unlock()
+  return c
+
+
+@pytest.fixture
+def tiny_config():
+  """The ddpm tiny preset shrunk further: 8x8 images, 8 channels, one device unless a test
+  asks for the mesh."""
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.preview_every = 0
+  return c
+
+
+def pytest_configure(config):
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest)"

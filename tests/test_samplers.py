@@ -1,0 +1,103 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import diffusion as D
+from difflax import samplers
+from difflax import schedules
+
+MU, SIGMA, T = 0.2, 0.3, 100
+BETAS = schedules.linear_betas(T)
+ACP = jnp.asarray(np.cumprod(1 - BETAS), jnp.float32)
+
+
+def gaussian_eps(x, t_model):
+  """E[eps | x_t] for data ~ N(MU, SIGMA^2): the exact optimal denoiser of the full chain."""
+  a = ACP[t_model].reshape(-1, *([1] * (x.ndim - 1)))
+  return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA ** 2 + 1 - a)
+
+
+def run(d, key, n=4000, **kw):
+  fn = jax.jit(functools.partial(samplers.sample, gaussian_eps, d, (n, 1, 1, 1),
+                                 clip_denoised=False, **kw))
+  return np.asarray(fn(key)).ravel()
+
+
+def test_ddim_eta1_equals_ancestral_step_for_step():
+  d = D.build(BETAS, var_type="fixed_small")
+  key = jax.random.key(1)
+  a = run(d, key, n=64, method="ddpm")
+  b = run(d, key, n=64, method="ddim", eta=1.0)
+  np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+def test_ddim_eta1_matches_ancestral_in_distribution():
+  d = D.build(BETAS, var_type="fixed_small")
+  a = run(d, jax.random.key(2), method="ddpm")
+  b = run(d, jax.random.key(3), method="ddim", eta=1.0)
+  for x in (a, b):
+    assert abs(x.mean() - MU) < 0.03 and abs(x.std() - SIGMA) < 0.03
+  assert abs(a.mean() - b.mean()) < 0.03 and abs(a.std() - b.std()) < 0.03
+
+
+def test_respaced_chain_with_all_steps_equals_full_chain():
+  full = D.build(BETAS)
+  respaced = D.build(BETAS, timesteps=list(range(T)))
+  np.testing.assert_array_equal(respaced.timestep_map, full.timestep_map)
+  np.testing.assert_allclose(respaced.betas, full.betas, rtol=1e-6)
+  key = jax.random.key(4)
+  for method in ("ddpm", "ddim"):
+    np.testing.assert_allclose(run(full, key, n=32, method=method),
+                               run(respaced, key, n=32, method=method), atol=1e-5)
+
+
+def test_respaced_ddim_converges_to_the_data_distribution_with_more_steps():
+  errors = []
+  for spec in ("ddim10", "ddim20", "ddim50"):
+    d = D.build(BETAS, timesteps=schedules.space_timesteps(T, spec))
+    assert d.num_timesteps == int(spec[4:])
+    x = run(d, jax.random.key(5), method="ddim", eta=0.0)
+    assert abs(x.mean() - MU) < 0.01  # Deterministic DDIM keeps the mean exactly (linear ODE).
+    errors.append(abs(x.std() - SIGMA))
+  assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_learned_variance_rescales_to_the_short_chain():
+  kept = schedules.space_timesteps(T, "10")
+  d = D.build(BETAS, var_type="learned_range", timesteps=kept)
+  acp = np.cumprod(1 - BETAS)[kept]
+  acp_prev = np.append(1.0, acp[:-1])
+  new_betas = 1 - acp / acp_prev
+  t = jnp.arange(1, 10)
+  x = jnp.zeros((9, 1, 1, 1))
+  lo = D.p_mean_variance(d, jnp.concatenate([x, -jnp.ones_like(x)], -1), x, t).log_variance
+  hi = D.p_mean_variance(d, jnp.concatenate([x, jnp.ones_like(x)], -1), x, t).log_variance
+  tilde = (1 - acp_prev) / (1 - acp) * new_betas
+  np.testing.assert_allclose(np.exp(lo.ravel()), tilde[1:], rtol=1e-4)
+  np.testing.assert_allclose(np.exp(hi.ravel()), new_betas[1:], rtol=1e-4)
+
+
+def test_samplers_are_vmappable_and_unknown_names_fail():
+  d = D.build(BETAS, timesteps=schedules.space_timesteps(T, "5"))
+  keys = jax.random.split(jax.random.key(0), 3)
+  out = jax.vmap(lambda k: samplers.sample(gaussian_eps, d, (2, 1, 1, 1), k, method="ddpm"))(keys)
+  assert out.shape == (3, 2, 1, 1, 1) and bool(jnp.isfinite(out).all())
+  with pytest.raises(ValueError, match="ddim"):
+    samplers.get_sampler("euler")
+
+
+def test_classifier_free_guidance_combines_eps_and_keeps_variance():
+  def apply_fn(x, t, y):  # eps = label; variance channel = 10 * label
+    y = y.astype(jnp.float32)[:, None, None, None]
+    return jnp.concatenate([jnp.broadcast_to(y, x.shape), jnp.broadcast_to(10 * y, x.shape)], -1)
+  x = jnp.zeros((2, 1, 1, 1))
+  t = jnp.zeros((2,), jnp.int32)
+  labels = jnp.array([3, 4])
+  out = samplers.classifier_free_guidance(apply_fn, labels, 7, 2.0, 1)(x, t)
+  np.testing.assert_allclose(out[:, 0, 0, 0], 3 * labels - 2 * 7)  # (1+w) c - w u
+  np.testing.assert_allclose(out[:, 0, 0, 1], 10 * labels)
+  out0 = samplers.classifier_free_guidance(apply_fn, labels, 7, 0.0, 1)(x, t)
+  np.testing.assert_allclose(out0[:, 0, 0, 0], labels)
