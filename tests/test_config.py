@@ -1,0 +1,67 @@
+import pytest
+
+from conftest import load_config
+from difflax import config as config_lib
+
+
+def test_ddpm_paper_preset_holds_ho_et_al_settings():
+  c = load_config("ddpm_cifar10", "paper")
+  assert c.data.name == "cifar10" and c.data.batch_size == 128
+  assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ("linear", 1000)
+  assert tuple(c.model.ch_mult) == (1, 2, 2, 2) and c.model.ch == 128
+  assert c.model.num_res_blocks == 2 and tuple(c.model.attn_resolutions) == (16,)
+  assert c.model.dropout == 0.1 and c.optim.lr == 2e-4 and c.optim.ema_decay == 0.9999
+  assert c.optim.grad_clip == 1.0 and c.optim.warmup_steps == 5000
+  config_lib.validate(c)
+
+
+def test_iddpm_paper_preset_holds_nichol_dhariwal_settings():
+  c = load_config("iddpm_cifar10", "paper")
+  assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ("cosine", 4000)
+  assert c.diffusion.var_type == "learned_range" and c.loss.type == "hybrid"
+  assert c.loss.vlb_weight == 0.001 and c.model.num_res_blocks == 3
+  assert c.model.dropout == 0.3 and c.optim.lr == 1e-4 and c.data.batch_size == 128
+  config_lib.validate(c)
+
+
+def test_default_presets_are_offline_and_valid():
+  for name in ("ddpm_cifar10", "iddpm_cifar10"):
+    c = load_config(name, "")
+    assert c.data.name == "embedded"
+    config_lib.validate(c)
+
+
+def test_bad_presets_and_shorthands_are_named():
+  with pytest.raises(ValueError, match="papr"):
+    load_config("ddpm_cifar10", "papr")
+  with pytest.raises(ValueError, match="stepz"):
+    load_config("ddpm_cifar10", "stepz=3")
+  assert load_config("ddpm_cifar10", "tiny,num_steps=7").train.num_steps == 7
+
+
+def test_locked_config_rejects_unknown_keys():
+  import importlib.util, os
+  from conftest import REPO
+  spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs",
+                                                                  "ddpm_cifar10.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  with pytest.raises(AttributeError, match="learning_rate"):
+    c.optim.learning_rate = 1.0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("data.resolution", 10, "divisible"),
+    ("model.attn_resolutions", (3,), "attn_resolutions"),
+    ("diffusion.var_type", "learned_range", "hybrid"),
+    ("loss.type", "l1", "loss.type"),
+])
+def test_validate_explains_inconsistent_settings(field, value, match):
+  c = load_config("ddpm_cifar10", "tiny")
+  block, key = field.split(".")
+  c[block][key] = value
+  if field == "data.resolution":
+    c.model.ch_mult = (1, 2, 2)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)

@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import models
+from difflax.models.unet import UNet
+
+
+def perturbed(params, scale=0.05):
+  """Zero-initialised output layers make a fresh UNet output 0; perturb to see dependencies."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(9), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [l + scale * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def tiny(**kw):
+  base = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+  return UNet(**{**base, **kw})
+
+
+def test_shapes_names_and_learned_sigma():
+  m = tiny(learn_sigma=True, num_heads=2)
+  x = jnp.zeros((2, 8, 8, 3))
+  params = m.init(jax.random.key(0), x, jnp.array([0, 5]))["params"]
+  assert {"in_8", "down_8", "down_4", "up_4", "up_8", "out_8"} <= set(params)
+  assert m.apply({"params": params}, x, jnp.array([0.5, 3.0])).shape == (2, 8, 8, 6)
+  # Zero-initialised output: a fresh model predicts 0.
+  assert float(jnp.abs(m.apply({"params": params}, x + 1, jnp.array([1, 2]))).max()) == 0.0
+
+
+def test_conditioning_inputs_change_the_output():
+  m = tiny(num_classes=10, aug_level_cond=True)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  t = jnp.array([3, 3])
+  low = jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+  params = m.init(jax.random.key(0), x, t, y=jnp.array([1, 2]), low_res=low,
+                  aug_level=jnp.zeros(2))["params"]
+  params = perturbed(params)
+  f = lambda **kw: m.apply({"params": params}, x, t, **{"low_res": low, "y": jnp.array([1, 2]),
+                                                        "aug_level": jnp.zeros(2), **kw})
+  base = f()
+  assert not np.allclose(base, f(y=jnp.array([3, 4])))          # class label
+  assert not np.allclose(base, f(y=None))                        # null label (CFG)
+  assert not np.allclose(base, f(aug_level=jnp.full(2, 0.5)))   # CDM augmentation level
+  assert not np.allclose(base, f(low_res=low * 0.5))             # low-res conditioning
+  assert not np.allclose(base, m.apply({"params": params}, x, t + 0.5, y=jnp.array([1, 2]),
+                                       low_res=low, aug_level=jnp.zeros(2)))  # continuous t
+  assert "label_emb" in params and "aug_mlp_0" in params
+
+
+def test_dropout_only_in_training_and_bf16_compute():
+  m = tiny(dropout=0.5, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  params = perturbed(m.init(jax.random.key(0), x, jnp.zeros(2))["params"])
+  assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+  ev = m.apply({"params": params}, x, jnp.zeros(2))
+  assert ev.dtype == jnp.float32
+  tr1 = m.apply({"params": params}, x, jnp.zeros(2), train=True, rngs={"dropout": jax.random.key(1)})
+  tr2 = m.apply({"params": params}, x, jnp.zeros(2), train=True, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(tr1, tr2)
+  np.testing.assert_array_equal(ev, m.apply({"params": params}, x, jnp.zeros(2)))
+
+
+def test_registry_and_resolution_errors(tiny_config):
+  tiny_config.model.name = "transformer"
+  with pytest.raises(ValueError, match="unet"):
+    models.build_model(tiny_config)
+  with pytest.raises(ValueError, match="divisible"):
+    tiny(ch_mult=(1, 2, 2, 2)).init(jax.random.key(0), jnp.zeros((1, 12, 12, 3)), jnp.zeros(1))

@@ -1,0 +1,115 @@
+"""End-to-end tests of the train loop, modes, resumption and error paths (tiny models)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from difflax import checkpoint as ckpt_lib
+from difflax import data as data_lib
+from difflax import train
+
+
+def params_at(workdir, step=None):
+  c = load_config("ddpm_cifar10", "tiny")
+  s = train.setup(c, workdir)
+  target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  s.abstract_state)
+  state, _ = s.checkpointer.restore(target, step)
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The tiny preset trained straight to step 4 (checkpoints at 2 and 4)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.preview_every = 0
+  train.run(c, workdir)
+  return workdir
+
+
+def test_cli_end_to_end_writes_checkpoint_metrics_and_png(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "difflax.main", "--config=configs/ddpm_cifar10.py:tiny",
+         f"--workdir={tmp_path}", "--config.train.num_steps=2"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert os.path.exists(tmp_path / "samples" / "step_000002.png")
+  assert json.load(open(tmp_path / "config.json"))["train"]["num_steps"] == 2
+  assert "loss=" in proc.stderr and "compile_secs" in proc.stderr
+
+
+def test_cli_unknown_config_key_fails_with_its_name(tmp_path):
+  cmd = [sys.executable, "-m", "difflax.main", "--config=configs/ddpm_cifar10.py:tiny",
+         f"--workdir={tmp_path}", "--config.optim.learning_rate=1e-3"]
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "learning_rate" in proc.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_killed_run_resumes_bit_identically(trained, tmp_path, monkeypatch):
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.update(preview_every=0, checkpoint_every=100)
+  real = data_lib.make_iterator
+
+  def sigterm_after_two(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 2:  # The third step is running when the "pod" is preempted.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  monkeypatch.setattr(data_lib, "make_iterator", sigterm_after_two)
+  out = train.run(c, str(tmp_path))
+  assert out["step"] == 3 and ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+  monkeypatch.setattr(data_lib, "make_iterator", real)
+  assert train.run(c, str(tmp_path))["step"] == 4
+  want, got = params_at(trained, 4), params_at(str(tmp_path), 4)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_and_eval_modes(trained):
+  c = load_config("ddpm_cifar10", "tiny")
+  out = train.run(c, trained, mode="sample")
+  imgs = np.load(out["npz"])["images"]
+  assert imgs.shape == (8, 8, 8, 3) and imgs.dtype == np.uint8 and os.path.exists(out["png"])
+  result = train.run(c, trained, mode="eval")
+  assert np.isfinite(result["eval_bpd"]) and result["eval_bpd"] > 0
+  assert os.path.exists(os.path.join(trained, "eval", "bpd_step000004.json"))
+
+
+def test_checkpoint_from_another_architecture_is_refused(trained):
+  c = load_config("ddpm_cifar10", "tiny")
+  c.model.ch = 16
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different architecture"):
+    train.run(c, trained, mode="sample")
+
+
+def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch):
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.update(preview_every=0, num_steps=4)
+  real = data_lib.make_iterator
+
+  def nan_from_step_two(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i >= 2:
+        batch = dict(batch, image=batch["image"] * np.nan)
+      yield batch
+  monkeypatch.setattr(data_lib, "make_iterator", nan_from_step_two)
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    train.run(c, str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_sample_without_checkpoint_says_train_first(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    train.run(load_config("ddpm_cifar10", "tiny"), str(tmp_path), mode="sample")
