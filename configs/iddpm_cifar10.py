@@ -34,13 +34,8 @@ def get_config(arg=None):
     c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="100")
     c.eval.update(num_batches=10, batch_size=128)
   elif "tiny" in presets:
-    c.data.update(resolution=8, batch_size=8, num_examples=64)
-    c.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
-    c.diffusion.num_timesteps = 100
-    c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
-                   preview_steps="5")
-    c.sample.update(num=8, batch_size=8, sampler="ddpm", steps="5")
-    c.eval.update(num_batches=1, batch_size=8)
+    config_lib.apply_tiny(c)
+    c.sample.sampler = "ddpm"
   else:
     # CPU scale on the embedded dataset; 1000 steps keep the bits/dim eval cheap on 2 cores.
     c.diffusion.num_timesteps = 1000

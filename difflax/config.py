@@ -137,6 +137,17 @@ def apply_shorthands(c: ml_collections.ConfigDict, kv: dict, config_name: str) -
     c[block][field] = typ(v)
 
 
+def apply_tiny(c: ml_collections.ConfigDict) -> None:
+  """The `:tiny` smoke preset every config offers: 8x8 images, a ~45k-param UNet, 4 steps."""
+  c.data.update(resolution=8, batch_size=8, num_examples=64)
+  c.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+  c.diffusion.num_timesteps = 100
+  c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
+                 preview_steps="5")
+  c.sample.update(num=8, batch_size=8, steps="5")
+  c.eval.update(num_batches=1, batch_size=8)
+
+
 def check_presets(presets, known, config_name: str):
   unknown = [p for p in presets if p not in known]
   if unknown:

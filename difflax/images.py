@@ -2,7 +2,7 @@
 
 Contract: `to_uint8(x: [B, H, W, C] in [-1, 1]) -> uint8 [B, H, W, C]`; `make_grid(images, ncol)`
 tiles [B, H, W, C] uint8 into one [rows*(H+pad), ncol*(W+pad), C] image; `save_png(path, image)`
-writes it (single-channel grids as grey). Nothing here touches devices.
+writes it (single-channel grids as grey, small grids upscaled). Nothing here touches devices.
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> str:
+def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
+  """Writes a uint8 [H, W, C] image, nearest-upscaled by an integer factor to >= min_width px so
+  grids of small images stay viewable."""
   from PIL import Image
+  factor = max(1, -(-min_width // image.shape[1]))
+  image = image.repeat(factor, axis=0).repeat(factor, axis=1)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = image[..., 0] if image.shape[-1] == 1 else image
   tmp = path + ".tmp.png"
