@@ -7,6 +7,9 @@ The config file's `get_config(arg)` returns a locked ConfigDict, so an override 
 not exist fails with that key's name. Multi-process launches (TPU pods, SLURM, explicit
 JAX_COORDINATOR_ADDRESS) call `jax.distributed.initialize()` before anything touches devices.
 """
+import os
+
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,6 +21,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto = when a multi-process cluster is detected.")
+flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",
+                    "Persistent XLA compilation cache ('' disables); reruns and resumes skip "
+                    "most of the compile.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -25,6 +31,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
   from difflax import parallel
   parallel.maybe_initialize_distributed(FLAGS.distributed)
   logging.set_verbosity(logging.INFO)
