@@ -330,7 +330,8 @@ def train(config, workdir: str) -> dict:
         result = eval_bpd(s, state.ema_params, bpd_fn, step)
         writer.write_scalars(step, {k: v for k, v in result.items() if k != "step"})
         _write_json(os.path.join(workdir, "eval", f"bpd_step{step:06d}.json"), result)
-      window_start = max(window_start, time.perf_counter()) if not pending else window_start
+      if not pending:  # Checkpoints, previews and evals do not count as training time.
+        window_start = time.perf_counter()
       if stop.requested:
         logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
                         step)
