@@ -46,6 +46,39 @@ def reference_config(args):
   return c
 
 
+def train_step_setup(args):
+  """(setup, state, jitted sharded train step with donated state, a random batch) for the
+  reference config: the same step `difflax.train` runs."""
+  import jax
+  import numpy as np
+  from difflax import parallel, step as step_lib, train
+  c = reference_config(args)
+  s = train.setup(c, "/tmp/difflax_bench_unused")
+  state = jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"])
+  fn = step_lib.make_train_step(s.model, s.diffusion, s.optimizer, s.lr_schedule, c,
+                                s.keys["step"])
+  r, b = c.data.resolution, c.data.batch_size
+  rng = np.random.default_rng(0)
+  batch = parallel.host_to_global({
+      "image": rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
+      "label": np.zeros((b,), np.int32)}, s.mesh)
+  bsh = {"image": s.batch_sharding, "label": s.batch_sharding}
+  step = jax.jit(fn, in_shardings=(s.shardings, bsh),
+                 out_shardings=(s.shardings, parallel.replicated(s.mesh)), donate_argnums=0)
+  return s, state, step, batch
+
+
+def time_train_step(step, state, batch, warmup: int, steps: int) -> list[float]:
+  """Per-step seconds of `step` (compiled or jitted), threading the donated state through."""
+  import jax
+  box = {"state": state}
+
+  def one():
+    box["state"], m = step(box["state"], batch)
+    jax.block_until_ready(m["loss"])
+  return time_calls(one, warmup, steps)
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   """Best fp32 FLOP/s of a jitted n x n matmul: the machine's attainable peak for MFU."""
   import jax

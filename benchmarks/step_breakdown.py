@@ -12,26 +12,8 @@ import _common
 
 
 def step_seconds(args):
-  import jax
-  import numpy as np
-  from difflax import parallel, step as step_lib, train
-  c = _common.reference_config(args)
-  s = train.setup(c, "/tmp/difflax_bench_unused")
-  state = jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"])
-  fn = step_lib.make_train_step(s.model, s.diffusion, s.optimizer, s.lr_schedule, c,
-                                s.keys["step"])
-  rng = np.random.default_rng(0)
-  r = c.data.resolution
-  batch = parallel.host_to_global({
-      "image": rng.uniform(-1, 1, (c.data.batch_size, r, r, 3)).astype(np.float32),
-      "label": np.zeros((c.data.batch_size,), np.int32)}, s.mesh)
-  step = jax.jit(fn, donate_argnums=0)
-  box = {"state": state}
-
-  def one():
-    box["state"], m = step(box["state"], batch)
-    jax.block_until_ready(m["loss"])
-  return _common.median(_common.time_calls(one, args.warmup, args.steps))
+  _, state, step, batch = _common.train_step_setup(args)
+  return _common.median(_common.time_train_step(step, state, batch, args.warmup, args.steps))
 
 
 def main():
