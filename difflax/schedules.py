@@ -1,7 +1,9 @@
 """Noise schedules (pure, float64 numpy at construction).
 
-Contract: every function here returns float64 numpy arrays (or plain Python lists of ints for
-respacing) and has no side effects. `difflax.diffusion` casts them to float32 once, when it builds a
+Contract: the discrete functions return float64 numpy arrays (or plain Python lists of ints for
+respacing) and have no side effects; the continuous-time `gamma_*` functions follow Chen (paper
+003) Algorithm 1 exactly and work on numpy inputs (float64, as written in the paper) and on jax
+arrays (inside jit), returning the signal fraction gamma(t) = alpha-bar in [clip_min, 1]. `difflax.diffusion` casts them to float32 once, when it builds a
 `Diffusion`. Conventions follow improved-DDPM (Nichol & Dhariwal 2021, summarised in paper 002
 Sec. 2.2): discrete time `t` indexes betas `0..T-1`, and `alpha_bar[t] = prod_{s<=t}(1 - beta_s)`.
 """
@@ -10,10 +12,14 @@ from __future__ import annotations
 import math
 from typing import Sequence, Union
 
+import functools
+
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["linear_betas", "cosine_betas", "space_timesteps", "respace_betas", "get_betas",
-           "BETA_SCHEDULES"]
+           "BETA_SCHEDULES", "gamma_linear", "gamma_sigmoid", "gamma_cosine", "get_gamma",
+           "GAMMA_SCHEDULES"]
 
 
 def linear_betas(num_timesteps: int, beta_start: float | None = None,
@@ -101,3 +107,49 @@ def respace_betas(betas: np.ndarray, timesteps: Sequence[int]) -> np.ndarray:
   kept = alphas_cumprod[np.asarray(timesteps)]
   prev = np.concatenate([[1.0], kept[:-1]])
   return 1.0 - kept / prev
+
+
+# ------------------------------------------------------------------ continuous time (Chen 2023)
+def _xp(t):
+  return np if isinstance(t, (int, float, np.ndarray, np.generic)) else jnp
+
+
+def _sigmoid(xp, x):
+  return 1.0 / (1.0 + xp.exp(-x))
+
+
+def gamma_linear(t, clip_min: float = 1e-9):
+  """gamma(t) = 1 - t, clipped to [clip_min, 1] (paper 003 Algorithm 1, simple_linear_schedule)."""
+  xp = _xp(t)
+  return xp.clip(1 - xp.asarray(t), clip_min, 1.0)
+
+
+def gamma_sigmoid(t, start: float = -3, end: float = 3, tau: float = 1.0, clip_min: float = 1e-9):
+  """Sigmoid gamma(t) of paper 003 Algorithm 1 (sigmoid_schedule)."""
+  xp = _xp(t)
+  v_start = _sigmoid(np, start / tau)
+  v_end = _sigmoid(np, end / tau)
+  output = _sigmoid(xp, (xp.asarray(t) * (end - start) + start) / tau)
+  output = (v_end - output) / (v_end - v_start)
+  return xp.clip(output, clip_min, 1.0)
+
+
+def gamma_cosine(t, start: float = 0, end: float = 1, tau: float = 1, clip_min: float = 1e-9):
+  """Cosine gamma(t) of paper 003 Algorithm 1 (cosine_schedule)."""
+  xp = _xp(t)
+  v_start = math.cos(start * math.pi / 2) ** (2 * tau)
+  v_end = math.cos(end * math.pi / 2) ** (2 * tau)
+  output = xp.cos((xp.asarray(t) * (end - start) + start) * math.pi / 2) ** (2 * tau)
+  output = (v_end - output) / (v_end - v_start)
+  return xp.clip(output, clip_min, 1.0)
+
+
+GAMMA_SCHEDULES = {"linear": gamma_linear, "sigmoid": gamma_sigmoid, "cosine": gamma_cosine}
+
+
+def get_gamma(name: str, **params):
+  """gamma(t) of the schedule registered as `name` with its parameters bound, e.g.
+  get_gamma("sigmoid", start=0, end=3, tau=0.7)."""
+  if name not in GAMMA_SCHEDULES:
+    raise ValueError(f"Unknown gamma schedule {name!r}; valid names: {sorted(GAMMA_SCHEDULES)}.")
+  return functools.partial(GAMMA_SCHEDULES[name], **params)

@@ -56,3 +56,55 @@ def test_respace_betas_keeps_alpha_bar():
 def test_unknown_schedule_lists_valid_names():
   with pytest.raises(ValueError, match="cosine"):
     schedules.get_betas("quadratic", 10)
+
+
+# Chen (paper 003) Algorithm 1, transcribed verbatim as the reference.
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def ref_sigmoid(t, start=-3, end=3, tau=1.0, clip_min=1e-9):
+  v_start = _sigmoid(start / tau)
+  v_end = _sigmoid(end / tau)
+  output = _sigmoid((t * (end - start) + start) / tau)
+  output = (v_end - output) / (v_end - v_start)
+  return np.clip(output, clip_min, 1.)
+
+
+def ref_cosine(t, start=0, end=1, tau=1, clip_min=1e-9):
+  v_start = math.cos(start * math.pi / 2) ** (2 * tau)
+  v_end = math.cos(end * math.pi / 2) ** (2 * tau)
+  output = math.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
+  output = (v_end - output) / (v_end - v_start)
+  return np.clip(output, clip_min, 1.)
+
+
+@pytest.mark.parametrize("params", [dict(start=-3, end=3, tau=1.0), dict(start=0, end=3, tau=0.7),
+                                    dict(start=-3, end=3, tau=1.1), dict(start=0, end=3, tau=0.5)])
+def test_gamma_sigmoid_matches_algorithm_1(params):
+  import jax.numpy as jnp
+  t = np.linspace(0, 1, 101)
+  np.testing.assert_allclose(schedules.gamma_sigmoid(t, **params), ref_sigmoid(t, **params),
+                             rtol=1e-12)
+  np.testing.assert_allclose(schedules.gamma_sigmoid(jnp.asarray(t), **params),
+                             ref_sigmoid(t, **params), rtol=2e-5, atol=1e-6)
+  assert schedules.gamma_sigmoid(0.0, **params) == pytest.approx(1.0)
+  assert schedules.gamma_sigmoid(1.0, **params) == pytest.approx(1e-9)  # Clipped.
+
+
+@pytest.mark.parametrize("params", [dict(start=0, end=1, tau=1), dict(start=0.2, end=1, tau=1),
+                                    dict(start=0.2, end=1, tau=2), dict(start=0, end=1, tau=3)])
+def test_gamma_cosine_matches_algorithm_1(params):
+  for t in np.linspace(0, 1, 41):
+    assert schedules.gamma_cosine(t, **params) == pytest.approx(ref_cosine(t, **params),
+                                                                rel=1e-12, abs=1e-15)
+  assert schedules.gamma_cosine(0.0, **params) == pytest.approx(1.0)
+
+
+def test_gamma_linear_and_registry():
+  t = np.array([0.0, 0.25, 1.0, 1.5, -0.5])
+  np.testing.assert_allclose(schedules.gamma_linear(t), [1.0, 0.75, 1e-9, 1e-9, 1.0])
+  g = schedules.get_gamma("sigmoid", start=0, end=3, tau=0.7)
+  assert g(0.3) == pytest.approx(ref_sigmoid(0.3, 0, 3, 0.7))
+  with pytest.raises(ValueError, match="sigmoid"):
+    schedules.get_gamma("exp")
