@@ -55,7 +55,7 @@ def train_step_setup(args):
   c = reference_config(args)
   s = train.setup(c, "/tmp/difflax_bench_unused")
   state = jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"])
-  fn = step_lib.make_train_step(s.model, s.diffusion, s.optimizer, s.lr_schedule, c,
+  fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
                                 s.keys["step"])
   r, b = c.data.resolution, c.data.batch_size
   rng = np.random.default_rng(0)

@@ -49,10 +49,29 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="linear",    # "linear" | "cosine"
+      type="discrete",      # "discrete" (DDPM) | "continuous" (Chen gamma(t)) | "ncsn" (NCSNv2)
+      schedule="linear",    # Discrete betas: "linear" | "cosine"
       num_timesteps=1000,
       model_output="eps",   # "eps" | "x0" | "v"
       var_type="fixed_small",  # "fixed_small" | "fixed_large" | "learned_range"
+      # Continuous time (paper 003): gamma(t) specs "name:key=value,..." (schedules.parse_gamma).
+      gamma="cosine",
+      inference_gamma="",   # "" = sample with the training gamma.
+      input_scale=1.0,      # b in x_t = sqrt(gamma) b x0 + sqrt(1 - gamma) eps.
+      normalize_input=False,  # Divide x_t by its per-example std before the network.
+      time_input="t",       # "t" (fed as 1000 t) | "logsnr"
+  ))
+
+  c.ncsn = ml_collections.ConfigDict(dict(
+      # NCSNv2 (paper 004); 0 means "compute from the data by the paper's technique".
+      sigma_first=0.0,      # Technique 1: max pairwise distance of the training data.
+      sigma_last=0.01,
+      num_scales=0,         # Technique 2 with `coverage`.
+      coverage=0.5,
+      steps_per_scale=5,    # T of annealed Langevin dynamics.
+      step_size=0.0,        # Technique 4: epsilon making Eq. 4 closest to 1.
+      final_denoise=True,   # Tweedie denoising step after the last scale.
+      stat_examples=2048,   # Examples used for Technique 1.
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -170,6 +189,23 @@ def validate(c: Any) -> None:
                      f"{diffusion.MODEL_OUTPUTS}.")
   if c.loss.type not in losses.LOSS_TYPES:
     raise ValueError(f"config.loss.type={c.loss.type!r}; valid: {losses.LOSS_TYPES}.")
+  if c.diffusion.type not in ("discrete", "continuous", "ncsn"):
+    raise ValueError(f"config.diffusion.type={c.diffusion.type!r}; valid: ['continuous', "
+                     "'discrete', 'ncsn'].")
+  if c.diffusion.type == "continuous":
+    from difflax import schedules
+    schedules.parse_gamma(c.diffusion.gamma)
+    if c.diffusion.inference_gamma:
+      schedules.parse_gamma(c.diffusion.inference_gamma)
+    if c.diffusion.var_type == "learned_range" or c.loss.type != "simple":
+      raise ValueError("Continuous-time diffusion trains with loss.type='simple' and fixed "
+                       "variances (diffusion.var_type='fixed_small').")
+  elif c.diffusion.input_scale != 1.0 or c.diffusion.normalize_input:
+    raise ValueError("diffusion.input_scale / normalize_input apply to "
+                     "diffusion.type='continuous' only.")
+  if c.diffusion.type == "ncsn" and c.model.class_conditional:
+    raise ValueError("NCSNv2 score models are unconditional here: set "
+                     "model.class_conditional=False.")
   if c.loss.type == "simple" and c.diffusion.var_type == "learned_range":
     raise ValueError("config.loss.type='simple' cannot learn variances; set "
                      "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")

@@ -6,7 +6,12 @@ from float64 schedules (improved-DDPM's convention), plus static strings naming 
 Every function takes a `Diffusion`, arrays and chain indices `t: [B] int` and returns arrays; none
 jits, samples keys on its own or touches a mesh. A respaced `Diffusion` (from `build(...,
 timesteps=...)`) is an ordinary shorter chain whose `timestep_map[t]` is the original-chain time the
-model was trained on, which is what a denoiser must be called with.
+model was trained on, which is what a denoiser must be called with. A continuous-time schedule
+gamma(t) (Chen, paper 003) sampled with N steps is the same object (`from_gamma`): the chain on
+the grid t_i = (i + 1) / N with alpha_bar_i = gamma(t_i), whose `timestep_map` holds the model's
+continuous time input, so DDPM and DDIM updates serve both without a copy of their math.
+`q_sample_ab` / `target_ab` are the forward process and regression targets at given alpha_bar,
+shared by the discrete and continuous objectives.
 
 Images are x: [B, H, W, C] in [-1, 1]. Log-likelihood terms are in bits per dimension.
 """
@@ -41,9 +46,11 @@ class Diffusion:
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
   fixed_large_log_variance: jax.Array
-  timestep_map: jax.Array  # [T] int32: chain index -> time the model sees.
+  timestep_map: jax.Array  # [T] float32: chain index -> time the model sees.
   model_output: str = flax.struct.field(pytree_node=False, default="eps")
   var_type: str = flax.struct.field(pytree_node=False, default="fixed_small")
+  # Predicted x0 is clipped to [-clip_value, clip_value] (b for inputs scaled by b, Chen Sec. 2.2).
+  clip_value: float = flax.struct.field(pytree_node=False, default=1.0)
 
   @property
   def num_timesteps(self) -> int:
@@ -55,7 +62,8 @@ class Diffusion:
 
 
 def build(betas: np.ndarray, *, model_output: str = "eps", var_type: str = "fixed_small",
-          timesteps: Optional[Sequence[int]] = None) -> Diffusion:
+          timesteps: Optional[Sequence[int]] = None, model_times: Optional[np.ndarray] = None,
+          clip_value: float = 1.0) -> Diffusion:
   """Diffusion from float64 `betas: [T]`; with `timesteps`, the respaced chain keeping those steps.
 
   Respacing keeps alpha_bar at the kept steps (paper 002 Eq. 10-11); since the learned variance
@@ -71,6 +79,8 @@ def build(betas: np.ndarray, *, model_output: str = "eps", var_type: str = "fixe
   else:
     timestep_map = np.asarray(sorted(int(t) for t in timesteps))
     betas = schedules.respace_betas(betas, timestep_map)
+  if model_times is not None:
+    timestep_map = np.asarray(model_times, np.float64)
   if not ((betas > 0).all() and (betas < 1).all()):
     raise ValueError(f"betas must lie in (0, 1), got range [{betas.min()}, {betas.max()}]. "
                      "linear_betas scales its default bounds by 1000/T, so T < 51 reaches "
@@ -96,16 +106,59 @@ def build(betas: np.ndarray, *, model_output: str = "eps", var_type: str = "fixe
       # the decoder term stays well defined.
       fixed_large_log_variance=f32(np.log(np.append(post_var[1] if len(betas) > 1 else betas[0],
                                                     betas[1:]))),
-      timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
-      model_output=model_output, var_type=var_type)
+      timestep_map=jnp.asarray(timestep_map, dtype=jnp.float32),
+      model_output=model_output, var_type=var_type, clip_value=float(clip_value))
+
+
+TIME_INPUTS = ("t", "logsnr")
+
+
+def model_time(t, gamma_t, time_input: str = "t"):
+  """What a continuous-time model is conditioned on: 1000 t (the discrete models' time range, so
+  the sinusoidal embedding's frequencies suit it) or the log-SNR log(gamma / (1 - gamma))."""
+  if time_input == "t":
+    return 1000.0 * t
+  if time_input == "logsnr":
+    xp = np if isinstance(gamma_t, np.ndarray) else jnp
+    return xp.log(gamma_t) - xp.log1p(-gamma_t)
+  raise ValueError(f"Unknown time_input {time_input!r}; valid: {TIME_INPUTS}.")
+
+
+def from_gamma(gamma_fn, num_steps: int, *, model_output: str = "eps",
+               var_type: str = "fixed_small", time_input: str = "t",
+               clip_value: float = 1.0) -> Diffusion:
+  """The N-step chain of a continuous schedule: alpha_bar_i = gamma((i + 1) / N), i < N.
+
+  gamma(0) = 1 is the clean data, so beta_0 = 1 - gamma(1/N); the model sees `model_time`.
+  Learned variances are a discrete-time construction and are refused here.
+  """
+  if var_type == "learned_range":
+    raise ValueError("Continuous-time diffusion has no learned variance: use fixed_small or "
+                     "fixed_large.")
+  t = np.arange(1, num_steps + 1, dtype=np.float64) / num_steps
+  acp = np.asarray(gamma_fn(t), np.float64)
+  betas = 1.0 - acp / np.append(1.0, acp[:-1])
+  return build(betas, model_output=model_output, var_type=var_type,
+               model_times=model_time(t, acp, time_input), clip_value=clip_value)
 
 
 def from_config(config: Any, respacing: Any = None) -> Diffusion:
-  """Diffusion from a `config.diffusion` block (schedule, num_timesteps, model_output, var_type).
+  """Diffusion from a `config.diffusion` block.
 
-  `respacing` is a `schedules.space_timesteps` spec ("ddim50", "250", 100, ...) or None / "" for
-  the full chain.
+  Discrete (`type="discrete"`): schedule, num_timesteps, model_output, var_type; `respacing` is a
+  `schedules.space_timesteps` spec ("ddim50", "250", 100, ...) or None / "" for the full chain.
+  Continuous (`type="continuous"`): the chain of `inference_gamma` (or the training `gamma`) with
+  `respacing` steps (an int or digit string; default num_timesteps).
   """
+  if config.type == "continuous":
+    spec = config.inference_gamma or config.gamma
+    steps = int(str(respacing).removeprefix("ddim")) if respacing not in (None, "", 0) else int(
+        config.num_timesteps)
+    return from_gamma(schedules.parse_gamma(spec), steps, model_output=config.model_output,
+                      var_type=config.var_type, time_input=config.time_input,
+                      clip_value=config.input_scale)
+  if config.type != "discrete":
+    raise ValueError(f"config.diffusion.type={config.type!r} has no Gaussian diffusion chain.")
   t_max = int(config.num_timesteps)
   betas = schedules.get_betas(config.schedule, t_max)
   timesteps = None
@@ -127,10 +180,25 @@ def q_mean_variance(d: Diffusion, x0, t):
   return mean, var, jnp.log(var)
 
 
+def q_sample_ab(x0, alpha_bar, noise):
+  """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, alpha_bar broadcastable to x0."""
+  return jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
+
+
+def target_ab(x0, noise, alpha_bar, model_output: str):
+  """The regression target at alpha_bar: eps, x0 or v = sqrt(a) eps - sqrt(1 - a) x0."""
+  if model_output == "eps":
+    return noise
+  if model_output == "x0":
+    return x0
+  if model_output == "v":
+    return jnp.sqrt(alpha_bar) * noise - jnp.sqrt(1.0 - alpha_bar) * x0
+  raise ValueError(f"Unknown model_output {model_output!r}; valid: {MODEL_OUTPUTS}.")
+
+
 def q_sample(d: Diffusion, x0, t, noise):
   """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. x0, noise: [B, ...]; t: [B]."""
-  return (_at(d.sqrt_alphas_cumprod, t, x0.ndim) * x0
-          + _at(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+  return q_sample_ab(x0, _at(d.alphas_cumprod, t, x0.ndim), noise)
 
 
 def q_posterior_mean_variance(d: Diffusion, x0, x_t, t):
@@ -151,12 +219,6 @@ def predict_eps_from_x0(d: Diffusion, x_t, t, x0):
           / _at(d.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
 
-def v_target(d: Diffusion, x0, t, noise):
-  """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
-  return (_at(d.sqrt_alphas_cumprod, t, x0.ndim) * noise
-          - _at(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
-
-
 def predict_x0_from_v(d: Diffusion, x_t, t, v):
   return (_at(d.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
           - _at(d.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
@@ -164,11 +226,7 @@ def predict_x0_from_v(d: Diffusion, x_t, t, v):
 
 def training_target(d: Diffusion, x0, t, noise):
   """What the network regresses onto for `d.model_output`: eps, x0 or v. [B, ...]."""
-  if d.model_output == "eps":
-    return noise
-  if d.model_output == "x0":
-    return x0
-  return v_target(d, x0, t, noise)
+  return target_ab(x0, noise, _at(d.alphas_cumprod, t, x0.ndim), d.model_output)
 
 
 def split_output(d: Diffusion, model_out, channels: int):
@@ -210,7 +268,8 @@ def p_mean_variance(d: Diffusion, model_out, x_t, t, clip_denoised: bool = True)
   """Parameters of p(x_{t-1} | x_t) from the network output (eps / x0 / v, +variance channels).
 
   The predicted x0 is clipped to [-1, 1] when `clip_denoised`, and eps is re-derived from the
-  clipped x0 so DDPM and DDIM updates agree (improved-DDPM does the same).
+  clipped x0 so DDPM and DDIM updates agree (improved-DDPM does the same). Clipping uses
+  `d.clip_value` (the data range after input scaling).
   """
   mean_out, var_out = split_output(d, model_out, x_t.shape[-1])
   if d.model_output == "eps":
@@ -220,7 +279,7 @@ def p_mean_variance(d: Diffusion, model_out, x_t, t, clip_denoised: bool = True)
   else:
     pred_x0 = predict_x0_from_v(d, x_t, t, mean_out)
   if clip_denoised:
-    pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    pred_x0 = jnp.clip(pred_x0, -d.clip_value, d.clip_value)
   pred_eps = predict_eps_from_x0(d, x_t, t, pred_x0)
   mean, _, _ = q_posterior_mean_variance(d, pred_x0, x_t, t)
   log_var = jnp.broadcast_to(model_log_variance(d, var_out, t, x_t.ndim), x_t.shape)

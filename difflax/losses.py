@@ -11,15 +11,22 @@ Objectives (paper 002 Sec. 2.1-2.2, improved-DDPM):
           single-sample estimate of the full bound, hence the per-example term vb * T * lambda,
           improved-DDPM's `vb * num_timesteps / 1000`.
   vlb     T * L_t (improved-DDPM's rescaled KL), the full bound up to the prior term.
+
+Continuous time (Chen, paper 003): t ~ U(0, 1), x_t = sqrt(gamma(t)) b x0 + sqrt(1 - gamma(t)) eps
+(`continuous_losses`), MSE on eps / x0 / v of the scaled data b x0.
+Score matching (NCSNv2, paper 004): `dsm_loss`, Eq. 2 weighted by sigma^2 with the score
+s(x, sigma) = net(x) / sigma (Technique 3), i.e. 1/2 ||net(x + sigma z) + z||^2.
+`make_objective(config, ...)` binds one of them to a config: `objective(denoise_fn, x0, key)`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from difflax import diffusion as diff_lib
+from difflax import schedules
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 LOSS_TYPES = ("simple", "hybrid", "vlb")
@@ -58,6 +65,74 @@ def training_losses(d: diff_lib.Diffusion, denoise_fn: DenoiseFn, x0, t, noise, 
   else:
     terms["loss"] = d.num_timesteps * terms["vb"]
   return terms
+
+
+def continuous_losses(gamma_fn: Callable, denoise_fn: DenoiseFn, x0, t, noise, *,
+                      model_output: str = "eps", input_scale: float = 1.0,
+                      time_input: str = "t") -> dict:
+  """Per-example MSE at continuous times t: [B] in [0, 1] (paper 003 Sec. 2 and Algorithm 2).
+
+  The network sees `diffusion.model_time(t, gamma(t), time_input)`; targets refer to the scaled
+  data b * x0, so sampling returns b * x0 and the caller divides by b.
+  """
+  gamma_t = gamma_fn(t)
+  a = gamma_t.reshape(t.shape + (1,) * (x0.ndim - 1))
+  z0 = input_scale * x0
+  x_t = diff_lib.q_sample_ab(z0, a, noise)
+  out = denoise_fn(x_t, diff_lib.model_time(t, gamma_t, time_input))
+  if out.shape != x0.shape:
+    raise ValueError(f"Continuous-time models predict {x0.shape[-1]} channels, got "
+                     f"{out.shape[-1]} (learned variances are discrete-time only).")
+  mse = diff_lib.mean_flat((diff_lib.target_ab(z0, noise, a, model_output) - out) ** 2)
+  return {"loss": mse, "mse": mse}
+
+
+def dsm_loss(score_net: DenoiseFn, x0, sigma, noise) -> dict:
+  """Denoising score matching, paper 004 Eq. 2 with lambda(sigma) = sigma^2: per-example
+  1/2 ||sigma s(x~, sigma) + z||^2 summed over dims, with x~ = x0 + sigma z and
+  s(x, sigma) = score_net(x, sigma) / sigma (Technique 3: the net's output is divided by sigma).
+  sigma: [B]."""
+  s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - 1))
+  out = score_net(x0 + s * noise, sigma)
+  loss = 0.5 * jnp.sum((out + noise) ** 2, axis=tuple(range(1, x0.ndim)))
+  return {"loss": loss}
+
+
+def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
+                   sigmas: Optional[jax.Array] = None) -> Callable:
+  """`objective(denoise_fn, x0, key) -> per-example terms` for `config.diffusion.type`.
+
+  discrete: t ~ U{0..T-1} and `training_losses` on `diffusion`; continuous: t ~ U(0, 1) and
+  `continuous_losses`; ncsn: sigma uniform over `sigmas` and `dsm_loss` (denoise_fn is then the
+  unconditional network called with sigma).
+  """
+  c = config.diffusion
+  if c.type == "discrete":
+    def objective(denoise_fn, x0, key):
+      k_t, k_noise = jax.random.split(key)
+      t = sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps)
+      return training_losses(diffusion, denoise_fn, x0, t,
+                             jax.random.normal(k_noise, x0.shape, x0.dtype),
+                             loss_type=config.loss.type, vlb_weight=config.loss.vlb_weight)
+  elif c.type == "continuous":
+    gamma_fn = schedules.parse_gamma(c.gamma)
+
+    def objective(denoise_fn, x0, key):
+      k_t, k_noise = jax.random.split(key)
+      t = jax.random.uniform(k_t, (x0.shape[0],))
+      return continuous_losses(gamma_fn, denoise_fn, x0, t,
+                               jax.random.normal(k_noise, x0.shape, x0.dtype),
+                               model_output=c.model_output, input_scale=c.input_scale,
+                               time_input=c.time_input)
+  elif c.type == "ncsn":
+    def objective(denoise_fn, x0, key):
+      k_s, k_noise = jax.random.split(key)
+      sigma = sigmas[jax.random.randint(k_s, (x0.shape[0],), 0, sigmas.shape[0])]
+      return dsm_loss(denoise_fn, x0, sigma, jax.random.normal(k_noise, x0.shape, x0.dtype))
+  else:
+    raise ValueError(f"Unknown config.diffusion.type {c.type!r}; valid: discrete, continuous, "
+                     "ncsn.")
+  return objective
 
 
 def bits_per_dim(d: diff_lib.Diffusion, denoise_fn: DenoiseFn, x0, key,

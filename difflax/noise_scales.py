@@ -119,26 +119,36 @@ def recommend(data, sigma_last: float = 0.01, steps_per_scale: int = 5,
           "eq4_ratio": langevin_ratio(eps, ratio, sigma_last, steps_per_scale)}
 
 
+def from_config(config) -> dict:
+  """The noise configuration of an NCSN config: fields of `config.ncsn` that are 0 are computed
+  from `config.data` by Techniques 1, 2 and 4. Returns {"sigmas": [L], "step_size", "ratio",
+  "coverage", "dim"}; deterministic, so every process and every resumption agree."""
+  n, d = config.ncsn, config.data
+  dim = d.resolution * d.resolution * d.channels
+  sigma_first = n.sigma_first
+  if sigma_first <= 0:
+    from difflax import data as data_lib
+    sigma_first = initial_sigma(data_lib.sample_array(d, n.stat_examples, config.seed))
+  num = n.num_scales if n.num_scales > 0 else num_noise_scales(dim, sigma_first, n.sigma_last,
+                                                               n.coverage)
+  sigmas = geometric_sigmas(sigma_first, n.sigma_last, num)
+  ratio = float(sigmas[0] / sigmas[1])
+  eps = n.step_size if n.step_size > 0 else langevin_step_size(ratio, n.sigma_last,
+                                                               n.steps_per_scale)
+  return {"sigmas": sigmas, "step_size": float(eps), "ratio": ratio,
+          "coverage": coverage(dim, ratio), "dim": dim}
+
+
 def main(argv):
   """`python -m difflax.noise_scales --config=configs/X.py[:preset]`: prints the recommended noise
   configuration for the config's training data (images scaled to [-1, 1] as in training)."""
   import json
   from absl import flags
   from difflax import data as data_lib
+  del argv
   cfg = flags.FLAGS.config
-  d = cfg.data
-  num = flags.FLAGS.num_examples or d.num_examples
-  if d.name == "embedded":
-    images, _ = data_lib.embedded_dataset(num, d.resolution, d.num_classes, 0, d.split)
-  elif d.name == "folder":
-    images, _, _ = data_lib.folder_dataset(d.folder, d.resolution)
-  else:
-    batches = data_lib.host_batches(d, seed=cfg.seed, batch_size=min(num, 1000))
-    images = np.concatenate([next(batches)["image"] for _ in range(max(1, num // 1000))])
-    images = (images + 1) * 127.5
-  x = np.asarray(images, np.float32)[:num] / 127.5 - 1.0
-  out = recommend(x, flags.FLAGS.sigma_last, flags.FLAGS.steps_per_scale,
-                  flags.FLAGS.coverage)
+  x = data_lib.sample_array(cfg.data, flags.FLAGS.num_examples or cfg.data.num_examples, cfg.seed)
+  out = recommend(x, flags.FLAGS.sigma_last, flags.FLAGS.steps_per_scale, flags.FLAGS.coverage)
   print(json.dumps(out, indent=2))
 
 

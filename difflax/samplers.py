@@ -11,6 +11,8 @@ evaluation and the CLI share these functions.
 All reverse-process math comes from `difflax.diffusion.p_mean_variance`; the samplers only choose
 the update. Per-step noise is `fold_in(step_key, i)` for chain index i in both DDPM and DDIM, so
 DDIM with eta=1 reproduces ancestral sampling with fixed-small variance step for step.
+Continuous-time schedules sample through the same two functions on `diffusion.from_gamma`'s chain.
+Score models (NCSNv2) use `annealed_langevin(score_net, sigmas, shape, key, ...)`.
 """
 from __future__ import annotations
 
@@ -62,6 +64,37 @@ def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta
     return mean + (i > 0) * sigma * z, None
 
   x, _ = jax.lax.scan(body, x, jnp.arange(d.num_timesteps - 1, -1, -1))
+  return x
+
+
+def annealed_langevin(score_net: Callable, sigmas, shape, key, *, step_size: float,
+                      steps_per_scale: int, final_denoise: bool = True,
+                      x_init: Optional[jax.Array] = None) -> jax.Array:
+  """Annealed Langevin dynamics (NCSNv2 Algorithm 1) as one `lax.scan` over L * T steps.
+
+  `score_net(x, sigma: [B]) -> [B, ...]` is the unconditional network; the score is
+  net(x) / sigma (Technique 3). Step i uses alpha_i = eps * sigma_i^2 / sigma_L^2; the chain
+  starts from U(-1, 1) noise as in the paper, and `final_denoise` adds the Tweedie step
+  x + sigma_L^2 s(x, sigma_L) (paper 004 Appendix). sigmas: [L] descending.
+  """
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  init_key, step_key = jax.random.split(key)
+  x = jax.random.uniform(init_key, shape, jnp.float32, -1.0, 1.0) if x_init is None else x_init
+  sigma_last = sigmas[-1]
+  scale_of_step = jnp.repeat(jnp.arange(sigmas.shape[0]), steps_per_scale)
+
+  def score(x, sigma):
+    return score_net(x, jnp.full((shape[0],), sigma)) / sigma
+
+  def body(x, j):
+    sigma = sigmas[scale_of_step[j]]
+    alpha = step_size * (sigma / sigma_last) ** 2
+    z = jax.random.normal(jax.random.fold_in(step_key, j), shape, x.dtype)
+    return x + alpha * score(x, sigma) + jnp.sqrt(2 * alpha) * z, None
+
+  x, _ = jax.lax.scan(body, x, jnp.arange(scale_of_step.shape[0]))
+  if final_denoise:
+    x = x + sigma_last ** 2 * score(x, sigma_last)
   return x
 
 

@@ -153,3 +153,16 @@ def get_gamma(name: str, **params):
   if name not in GAMMA_SCHEDULES:
     raise ValueError(f"Unknown gamma schedule {name!r}; valid names: {sorted(GAMMA_SCHEDULES)}.")
   return functools.partial(GAMMA_SCHEDULES[name], **params)
+
+
+def parse_gamma(spec: str):
+  """gamma(t) from a config string "name" or "name:key=value,...", e.g.
+  "sigmoid:start=0,end=3,tau=0.7" or "cosine:start=0.2,end=1,tau=2"."""
+  name, _, rest = spec.partition(":")
+  params = {}
+  for item in filter(None, rest.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"Bad gamma spec {spec!r}: expected name:key=value,...")
+    params[key.strip()] = float(value)
+  return get_gamma(name.strip(), **params)

@@ -1,9 +1,11 @@
 """The train step: schedule + loss + model apply + optimiser + EMA in one pure function.
 
-Contract: `make_train_step(model, diffusion, optimizer, lr_schedule, config, base_key)` returns
+Contract: `make_train_step(model, objective, optimizer, lr_schedule, config, base_key)` returns
 `train_step(state, batch) -> (state, metrics)`, pure and unjitted; `train.py` jits it once per
-architecture with shardings and donated state. Per-step randomness (timesteps, noise, dropout,
-label dropout) is `fold_in(base_key, state.step)`, so the step is a function of (state, batch)
+architecture with shardings and donated state. `objective` is `losses.make_objective(config, ...)`
+(discrete, continuous-time or score matching), so this one step serves every process. Per-step
+randomness (timesteps / noise levels, noise, dropout, label dropout) is
+`fold_in(base_key, state.step)`, so the step is a function of (state, batch)
 alone. Metrics are batch means: loss, mse and/or vb (bits/dim), grad_norm, lr.
 """
 from __future__ import annotations
@@ -12,19 +14,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from difflax import losses
+from difflax import models
 from difflax import state as state_lib
 
 
-def make_train_step(model, diffusion, optimizer, lr_schedule, config, base_key):
+def make_train_step(model, objective, optimizer, lr_schedule, config, base_key):
+  apply = models.make_apply(model, config)
   num_classes = config.data.num_classes if config.model.class_conditional else 0
 
   def train_step(state: state_lib.TrainState, batch: dict):
     x0 = batch["image"]
     key = jax.random.fold_in(base_key, state.step)
-    k_t, k_noise, k_drop, k_label = jax.random.split(key, 4)
-    t = losses.sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    k_obj, k_drop, k_label = jax.random.split(key, 3)
     labels = None
     if num_classes:
       # Classifier-free guidance training: replace labels by the null id with prob p.
@@ -33,11 +34,8 @@ def make_train_step(model, diffusion, optimizer, lr_schedule, config, base_key):
 
     def loss_fn(params):
       def denoise_fn(x_t, t_model):
-        return model.apply({"params": params}, x_t, t_model, y=labels, train=True,
-                           rngs={"dropout": k_drop})
-      terms = losses.training_losses(diffusion, denoise_fn, x0, t, noise,
-                                     loss_type=config.loss.type,
-                                     vlb_weight=config.loss.vlb_weight)
+        return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop})
+      terms = objective(denoise_fn, x0, k_obj)
       return terms["loss"].mean(), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

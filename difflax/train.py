@@ -31,6 +31,7 @@ from difflax import diffusion as diff_lib
 from difflax import images as images_lib
 from difflax import losses
 from difflax import models
+from difflax import noise_scales
 from difflax import parallel
 from difflax import samplers
 from difflax import state as state_lib
@@ -46,7 +47,9 @@ class Setup:
   workdir: str
   mesh: Any
   model: Any
-  diffusion: diff_lib.Diffusion
+  diffusion: Optional[diff_lib.Diffusion]  # None for score models.
+  ncsn: Optional[dict]  # noise_scales.from_config for score models, else None.
+  objective: Any
   optimizer: Any
   lr_schedule: Any
   init_fn: Any
@@ -60,16 +63,29 @@ class Setup:
     return parallel.batch_sharding(self.mesh)
 
   def meta(self, state) -> dict:
-    return {"step": int(jax.device_get(state.step)),
+    meta = {"step": int(jax.device_get(state.step)),
             "param_shapes": ckpt_lib.param_shapes(self.abstract_state.params),
-            "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution}
+            "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution,
+            "diffusion": self.config.diffusion.to_dict()}
+    if self.ncsn is not None:
+      meta["ncsn"] = {k: np.asarray(v).tolist() for k, v in self.ncsn.items()}
+    return meta
 
 
 def setup(config, workdir: str) -> Setup:
   """Everything but data and allocated state; cheap (shapes only)."""
   mesh = parallel.make_mesh(config.mesh)
   model = models.build_model(config)
-  diffusion = diff_lib.from_config(config.diffusion)
+  ncsn = diffusion = None
+  if config.diffusion.type == "ncsn":
+    ncsn = noise_scales.from_config(config)
+    logging.info("NCSN noise scales: sigma %.4g -> %.4g, L=%d, ratio %.5f (coverage %.3f), "
+                 "step size %.3g", ncsn["sigmas"][0], ncsn["sigmas"][-1], len(ncsn["sigmas"]),
+                 ncsn["ratio"], ncsn["coverage"], ncsn["step_size"])
+  else:
+    diffusion = diff_lib.from_config(config.diffusion)
+  objective = losses.make_objective(config, diffusion,
+                                    None if ncsn is None else jnp.asarray(ncsn["sigmas"]))
   optimizer, lr_schedule = state_lib.make_optimizer(config.optim)
   base = jax.random.key(config.seed)
   keys = dict(zip(("init", "step", "preview", "eval"), jax.random.split(base, 4)))
@@ -78,8 +94,8 @@ def setup(config, workdir: str) -> Setup:
   shardings = parallel.state_shardings(abstract, mesh, config.mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.train.keep_checkpoints)
-  return Setup(config, workdir, mesh, model, diffusion, optimizer, lr_schedule, init_fn,
-               abstract, shardings, checkpointer, keys)
+  return Setup(config, workdir, mesh, model, diffusion, ncsn, objective, optimizer, lr_schedule,
+               init_fn, abstract, shardings, checkpointer, keys)
 
 
 def restore_or_init(s: Setup):
@@ -113,10 +129,12 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
   """Jitted `(params, key, labels: [B]) -> images [B, H, W, C]`, sharded over the batch axes.
 
   The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
-  batch over devices.
+  batch over devices. Score models (diffusion.type="ncsn") sample with annealed Langevin dynamics
+  and ignore method / respacing; continuous-time models return x0 = (b x0) / b.
   """
   c = s.config
-  d = diff_lib.from_config(c.diffusion, respacing=respacing)
+  d = None if s.ncsn else diff_lib.from_config(c.diffusion, respacing=respacing)
+  model_apply = models.make_apply(s.model, c)
   num_classes = c.data.num_classes if c.model.class_conditional else 0
   shape_hw = (c.data.resolution, c.data.resolution, c.data.channels)
   sharding = s.batch_sharding
@@ -124,14 +142,21 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
   def sample_fn(params, key, labels):
     def apply(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
-      return s.model.apply({"params": params}, x, t, y=y if num_classes else None)
+      return model_apply(params, x, t, y=y if num_classes else None)
+    shape = (labels.shape[0],) + shape_hw
+    if s.ncsn is not None:
+      return samplers.annealed_langevin(
+          lambda x, sigma: apply(x, sigma, labels), s.ncsn["sigmas"], shape, key,
+          step_size=s.ncsn["step_size"], steps_per_scale=c.ncsn.steps_per_scale,
+          final_denoise=c.ncsn.final_denoise)
     if num_classes and guidance:
       denoise = samplers.classifier_free_guidance(apply, labels, num_classes, guidance,
                                                   c.data.channels)
     else:
       denoise = lambda x, t: apply(x, t, labels)
-    return samplers.sample(denoise, d, (labels.shape[0],) + shape_hw, key, method=method,
-                           eta=eta, clip_denoised=clip_denoised)
+    x = samplers.sample(denoise, d, shape, key, method=method, eta=eta,
+                        clip_denoised=clip_denoised)
+    return x / c.diffusion.input_scale
 
   return jax.jit(sample_fn, in_shardings=(s.shardings.params, None, sharding),
                  out_shardings=sharding)
@@ -166,7 +191,8 @@ def sample(config, workdir: str) -> dict:
   imgs, labels = generate(s, fn, params, jax.random.key(c.seed), c.num, c.batch_size)
   secs = time.perf_counter() - t0
   step = int(jax.device_get(state.step))
-  tag = f"sample_step{step:06d}_{c.sampler}{c.steps or 'all'}"
+  method = "langevin" if s.ncsn else f"{c.sampler}{c.steps or 'all'}"
+  tag = f"sample_step{step:06d}_{method}"
   out_dir = os.path.join(workdir, "samples")
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
   if jax.process_index() == 0:
@@ -181,12 +207,16 @@ def sample(config, workdir: str) -> dict:
 # -------------------------------------------------------------------------------------- Eval
 def make_bpd_fn(s: Setup):
   """Jitted `(params, x0: [B, H, W, C], labels: [B], key) -> {name: [B]}` bits/dim over all T."""
+  if s.config.diffusion.type != "discrete":
+    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; set "
+                     "config.train.eval_every=0 for continuous-time and score models.")
   conditional = s.config.model.class_conditional
+  model_apply = models.make_apply(s.model, s.config)
 
   def bpd_fn(params, x0, labels, key):
     def denoise(x, t):
       x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
-      return s.model.apply({"params": params}, x, t, y=labels if conditional else None)
+      return model_apply(params, x, t, y=labels if conditional else None)
     out = losses.bits_per_dim(s.diffusion, denoise, x0, key)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
             "decoder_bpd": out["vb"][:, 0]}
@@ -284,7 +314,7 @@ def train(config, workdir: str) -> dict:
   batch = next(it)
   # ---- Update step, compiled once ahead of time so its cost is reported separately.
   batch_shardings = jax.tree_util.tree_map(lambda _: s.batch_sharding, batch)
-  step_fn = step_lib.make_train_step(s.model, s.diffusion, s.optimizer, s.lr_schedule, c,
+  step_fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
                                      s.keys["step"])
   t0 = time.perf_counter()
   train_step = jax.jit(step_fn, in_shardings=(s.shardings, batch_shardings),

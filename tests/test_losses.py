@@ -66,6 +66,6 @@ def test_bits_per_dim_decomposes_and_is_reasonable():
   np.testing.assert_allclose(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"], rtol=1e-5)
   assert bool(jnp.all(out["total_bpd"] > 0))
   # The data-aware optimal denoiser for x0 known exactly gives a far better bound.
-  oracle = lambda x, tt: D.predict_eps_from_x0(d, x, tt, x0)
+  oracle = lambda x, tt: D.predict_eps_from_x0(d, x, tt.astype(jnp.int32), x0)
   better = losses.bits_per_dim(d, oracle, x0, jax.random.key(1))
   assert float(better["total_bpd"].mean()) < float(out["total_bpd"].mean())

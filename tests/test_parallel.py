@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from difflax import data
 from difflax import diffusion as diff_lib
+from difflax import losses
 from difflax import models
 from difflax import parallel
 from difflax import state as state_lib
@@ -22,8 +23,8 @@ def run_steps(config, devices, num_steps=2):
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = parallel.state_shardings(abstract, mesh, config.mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-  fn = step_lib.make_train_step(model, diff_lib.from_config(config.diffusion), opt, sched,
-                                config, jax.random.key(1))
+  objective = losses.make_objective(config, diff_lib.from_config(config.diffusion))
+  fn = step_lib.make_train_step(model, objective, opt, sched, config, jax.random.key(1))
   bsh = parallel.batch_sharding(mesh)
   step = jax.jit(fn, in_shardings=(shardings, {"image": bsh, "label": bsh}),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)

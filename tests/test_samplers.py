@@ -16,7 +16,7 @@ ACP = jnp.asarray(np.cumprod(1 - BETAS), jnp.float32)
 
 def gaussian_eps(x, t_model):
   """E[eps | x_t] for data ~ N(MU, SIGMA^2): the exact optimal denoiser of the full chain."""
-  a = ACP[t_model].reshape(-1, *([1] * (x.ndim - 1)))
+  a = ACP[t_model.astype(jnp.int32)].reshape(-1, *([1] * (x.ndim - 1)))
   return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA ** 2 + 1 - a)
 
 

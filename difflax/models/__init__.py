@@ -31,3 +31,22 @@ def build_model(config):
       out_channels=config.data.channels,
       num_classes=config.data.num_classes if m.class_conditional else 0,
       dtype=DTYPES[m.dtype])
+
+
+def make_apply(model, config):
+  """`apply(params, x, t, y=None, train=False, rngs=None) -> output` for `config`'s process.
+
+  Continuous time with `diffusion.normalize_input`: x_t is divided by its per-example standard
+  deviation before the network, at training and sampling alike (Chen, paper 003 Sec. 2.2).
+  NCSN: the inner network is unconditional (Technique 3), so the noise level is not fed.
+  """
+  normalize = config.diffusion.type == "continuous" and config.diffusion.normalize_input
+  unconditional_time = config.diffusion.type == "ncsn"
+
+  def apply(params, x, t, y=None, train=False, rngs=None):
+    if normalize:
+      x = x / jnp.sqrt(jnp.var(x, axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-5)
+    if unconditional_time:
+      t = jnp.zeros_like(t)
+    return model.apply({"params": params}, x, t, y=y, train=train, rngs=rngs)
+  return apply
