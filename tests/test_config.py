@@ -65,3 +65,29 @@ def test_validate_explains_inconsistent_settings(field, value, match):
     c.model.ch_mult = (1, 2, 2)
   with pytest.raises(ValueError, match=match):
     config_lib.validate(c)
+
+
+def test_chen_presets_reproduce_table_3_and_4_variants():
+  c = load_config("chen_schedules", "gamma=sigmoid,start=0,end=3,tau=0.7")
+  assert c.diffusion.type == "continuous" and c.diffusion.gamma == "sigmoid:start=0,end=3,tau=0.7"
+  config_lib.validate(c)
+  c = load_config("chen_schedules", "scale=0.5")
+  assert c.diffusion.input_scale == 0.5 and c.diffusion.normalize_input
+  assert c.diffusion.gamma == "cosine:start=0.2"  # Table 4's base schedule.
+  c = load_config("chen_schedules", "paper,gamma=linear,scale=0.3")
+  assert c.data.resolution == 64 and c.diffusion.gamma == "linear"
+  config_lib.validate(c)
+  bad = load_config("chen_schedules", "")
+  bad.diffusion.gamma = "sigmoid:start"
+  with pytest.raises(ValueError, match="name:key=value"):
+    config_lib.validate(bad)
+
+
+def test_ncsnv2_paper_preset_holds_song_ermon_cifar10_settings():
+  c = load_config("ncsnv2_cifar10", "paper")
+  n = c.ncsn
+  assert (n.sigma_first, n.sigma_last, n.num_scales, n.steps_per_scale) == (50.0, 0.01, 232, 5)
+  assert n.step_size == 6.2e-6 and c.optim.ema_decay == 0.999 and c.data.resolution == 32
+  default = load_config("ncsnv2_cifar10", "")
+  assert default.ncsn.sigma_first == 0 and default.ncsn.num_scales == 0  # From the data.
+  config_lib.validate(default)

@@ -104,3 +104,28 @@ def test_build_rejects_bad_inputs():
     D.build(schedules.linear_betas(20))
   with pytest.raises(ValueError, match="model_output"):
     D.build(schedules.linear_betas(100), model_output="score")
+
+
+def test_continuous_chain_has_the_gamma_marginals():
+  """b=1, no normalisation: the continuous process equals the discrete VP marginal at matching
+  alpha-bar (paper 003 Sec. 2.2)."""
+  gamma = schedules.get_gamma("sigmoid", start=0, end=3, tau=0.7)
+  d = D.from_gamma(gamma, 50, time_input="logsnr")
+  t_cont = np.arange(1, 51) / 50
+  np.testing.assert_allclose(d.alphas_cumprod, gamma(t_cont), rtol=2e-5, atol=1e-8)
+  g = gamma(t_cont)
+  np.testing.assert_allclose(d.timestep_map, np.log(g) - np.log1p(-g), rtol=1e-4, atol=1e-4)
+  x0 = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  idx = jnp.array([0, 20, 49])
+  a = jnp.asarray(g[np.array([0, 20, 49])], jnp.float32)[:, None, None, None]
+  np.testing.assert_allclose(D.q_sample(d, x0, idx, noise), D.q_sample_ab(x0, a, noise),
+                             rtol=1e-5, atol=1e-6)
+  for out in ("eps", "x0", "v"):
+    d2 = D.from_gamma(gamma, 50, model_output=out)
+    np.testing.assert_allclose(D.training_target(d2, x0, idx, noise),
+                               D.target_ab(x0, noise, a, out), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="learned"):
+    D.from_gamma(gamma, 10, var_type="learned_range")
+  with pytest.raises(ValueError, match="time_input"):
+    D.model_time(jnp.ones(2), jnp.ones(2) * 0.5, "sigma")

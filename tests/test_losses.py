@@ -69,3 +69,30 @@ def test_bits_per_dim_decomposes_and_is_reasonable():
   oracle = lambda x, tt: D.predict_eps_from_x0(d, x, tt.astype(jnp.int32), x0)
   better = losses.bits_per_dim(d, oracle, x0, jax.random.key(1))
   assert float(better["total_bpd"].mean()) < float(out["total_bpd"].mean())
+
+
+def test_continuous_loss_matches_discrete_loss_on_the_same_chain():
+  gamma = schedules.get_gamma("cosine", start=0.2)
+  d = D.from_gamma(gamma, 40, model_output="v")
+  x0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 1)) * 0.5
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  net = lambda x, t: 0.3 * x + 1e-3 * t.reshape(-1, 1, 1, 1)
+  idx = jnp.array([0, 10, 39])
+  disc = losses.training_losses(d, net, x0, idx, noise)["loss"]
+  cont = losses.continuous_losses(gamma, net, x0, (idx + 1) / 40, noise, model_output="v")["loss"]
+  np.testing.assert_allclose(cont, disc, rtol=1e-4)
+  # Input scaling b: the process runs on b * x0.
+  scaled = losses.continuous_losses(gamma, net, x0 / 0.5, (idx + 1) / 40, noise, model_output="v",
+                                    input_scale=0.5)["loss"]
+  np.testing.assert_allclose(scaled, cont, rtol=1e-4)
+
+
+def test_dsm_loss_closed_form():
+  x0 = jnp.zeros((2, 3, 3, 1))
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  sigma = jnp.array([0.1, 2.0])
+  # sigma * s(x~, sigma) = net(x~) = -z is the exact minimiser (Eq. 2 weighted by sigma^2).
+  exact = losses.dsm_loss(lambda x, s: -(x - 0.0) / s.reshape(-1, 1, 1, 1), x0, sigma, noise)
+  np.testing.assert_allclose(exact["loss"], 0.0, atol=1e-5)
+  zero = losses.dsm_loss(lambda x, s: jnp.zeros_like(x), x0, sigma, noise)
+  np.testing.assert_allclose(zero["loss"], 0.5 * (noise ** 2).sum(axis=(1, 2, 3)), rtol=1e-6)

@@ -69,3 +69,14 @@ def test_registry_and_resolution_errors(tiny_config):
     models.build_model(tiny_config)
   with pytest.raises(ValueError, match="divisible"):
     tiny(ch_mult=(1, 2, 2, 2)).init(jax.random.key(0), jnp.zeros((1, 12, 12, 3)), jnp.zeros(1))
+
+
+def test_input_normalisation_makes_the_network_scale_invariant(tiny_config):
+  c = tiny_config
+  c.diffusion.update(type="continuous", normalize_input=True, input_scale=0.5)
+  m = models.build_model(c)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  params = perturbed(m.init(jax.random.key(0), x, jnp.zeros(2))["params"])
+  apply = models.make_apply(m, c)
+  np.testing.assert_allclose(apply(params, x, jnp.ones(2)), apply(params, 3 * x, jnp.ones(2)),
+                             atol=1e-4)

@@ -78,3 +78,15 @@ def test_cli_prints_a_recommendation_for_a_config():
   assert proc.returncode == 0, proc.stderr[-2000:]
   rec = json.loads(proc.stdout[proc.stdout.index("{"):])
   assert rec["dim"] == 8 * 8 * 3 and rec["num_examples"] == 64 and rec["num_scales"] > 2
+
+
+def test_from_config_computes_missing_fields_and_keeps_given_ones():
+  from conftest import load_config
+  c = load_config("ncsnv2_cifar10", "tiny")
+  out = ns.from_config(c)
+  assert out["sigmas"][0] > out["sigmas"][-1] == pytest.approx(0.05)
+  assert out["coverage"] >= 0.5 and out["step_size"] > 0
+  paper = load_config("ncsnv2_cifar10", "paper")
+  fixed = ns.from_config(paper)  # Every field given: no data needed (CIFAR-10 is not here).
+  assert len(fixed["sigmas"]) == 232 and fixed["step_size"] == 6.2e-6
+  assert fixed["sigmas"][0] == pytest.approx(50)

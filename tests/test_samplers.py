@@ -101,3 +101,48 @@ def test_classifier_free_guidance_combines_eps_and_keeps_variance():
   np.testing.assert_allclose(out[:, 0, 0, 1], 10 * labels)
   out0 = samplers.classifier_free_guidance(apply_fn, labels, 7, 0.0, 1)(x, t)
   np.testing.assert_allclose(out0[:, 0, 0, 0], labels)
+
+
+def gaussian_eps_for(alpha_bar_of_model_time):
+  def eps(x, t_model):
+    a = alpha_bar_of_model_time(t_model).reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA ** 2 + 1 - a)
+  return eps
+
+
+def frechet_1d(x):
+  return (x.mean() - MU) ** 2 + (x.std() - SIGMA) ** 2
+
+
+def test_continuous_ddim_with_1000_steps_agrees_with_the_discrete_sampler():
+  gamma = schedules.get_gamma("cosine", start=0.2)
+  den = gaussian_eps_for(lambda mt: gamma(mt / 1000.0))
+  key = jax.random.key(7)
+  cont = {}
+  for steps in (10, 1000):
+    d = D.from_gamma(gamma, steps)
+    fn = jax.jit(functools.partial(samplers.sample, den, d, (4000, 1, 1, 1), method="ddim",
+                                   clip_denoised=False))
+    cont[steps] = np.asarray(fn(key)).ravel()
+  disc_d = D.build(schedules.linear_betas(1000))
+  disc_acp = jnp.asarray(np.cumprod(1 - schedules.linear_betas(1000)), jnp.float32)
+  disc = np.asarray(jax.jit(functools.partial(
+      samplers.sample, gaussian_eps_for(lambda mt: disc_acp[mt.astype(jnp.int32)]), disc_d,
+      (4000, 1, 1, 1), method="ddim", clip_denoised=False))(key)).ravel()
+  assert abs(cont[1000].mean() - disc.mean()) < 0.01 and abs(cont[1000].std() - disc.std()) < 0.01
+  assert frechet_1d(cont[1000]) < frechet_1d(cont[10])  # More steps, closer to the truth.
+  assert frechet_1d(cont[1000]) < 1e-3
+
+
+def test_annealed_langevin_reaches_the_gaussian_and_improves_with_more_steps():
+  from difflax import noise_scales
+  sigmas = noise_scales.geometric_sigmas(1.0, 0.01, 20)
+  # net(x, sigma) = sigma * grad log N(x; MU, SIGMA^2 + sigma^2): the exact noisy score.
+  net = lambda x, s: -s.reshape(-1, 1, 1, 1) * (x - MU) / (SIGMA ** 2 + s.reshape(-1, 1, 1, 1) ** 2)
+  fds = []
+  for steps in (1, 10):
+    eps = noise_scales.langevin_step_size(sigmas[0] / sigmas[1], sigmas[-1], steps)
+    x = jax.jit(functools.partial(samplers.annealed_langevin, net, sigmas, (4000, 1, 1, 1),
+                                  step_size=eps, steps_per_scale=steps))(jax.random.key(3))
+    fds.append(frechet_1d(np.asarray(x).ravel()))
+  assert fds[1] < fds[0] and fds[1] < 2e-3, fds

@@ -113,3 +113,23 @@ def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatc
 def test_sample_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     train.run(load_config("ddpm_cifar10", "tiny"), str(tmp_path), mode="sample")
+
+
+@pytest.mark.parametrize("name,arg,tag", [
+    ("chen_schedules", "tiny,gamma=sigmoid,start=0,end=3,tau=0.7,scale=0.5,pred=v", "ddim10"),
+    ("ncsnv2_cifar10", "tiny", "langevin")])
+def test_continuous_and_score_configs_train_and_sample(tmp_path, name, arg, tag):
+  c = load_config(name, arg)
+  out = train.run(c, str(tmp_path))
+  assert out["step"] == 4 and np.isfinite(out["loss"])
+  assert os.path.exists(tmp_path / "samples" / "step_000004.png")
+  result = train.run(c, str(tmp_path), mode="sample")
+  assert tag in result["png"]
+  imgs = np.load(result["npz"])["images"]
+  assert imgs.shape == (8, 8, 8, 3) and imgs.std() > 0
+  meta = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).read_meta()
+  assert meta["diffusion"]["type"] == c.diffusion.type
+  if name == "ncsnv2_cifar10":
+    assert len(meta["ncsn"]["sigmas"]) > 2  # Computed from the data, recorded with the run.
+    with pytest.raises(ValueError, match="discrete"):
+      train.run(c, str(tmp_path), mode="eval")
