@@ -62,12 +62,7 @@ def get_config(arg=None):
     config_lib.apply_tiny(c)
     c.sample.steps = c.train.preview_steps = "10"
   else:
-    c.data.update(resolution=16, batch_size=32)
-    c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
     d.num_timesteps = 100
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
-    c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500,
-                   preview_sampler="ddpm", preview_steps="100")
     c.sample.update(sampler="ddpm", steps="100")
 
   config_lib.apply_shorthands(c, kv, __file__)

@@ -34,12 +34,6 @@ def get_config(arg=None):
     config_lib.apply_tiny(c)
   else:
     # CPU scale on the embedded dataset: visibly learns shapes and colours in a few minutes.
-    c.data.update(resolution=16, batch_size=32)
-    c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
-    # Ancestral sampling is much cleaner than few-step DDIM for a model this undertrained.
-    c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500,
-                   preview_sampler="ddpm", preview_steps="100")
     c.sample.update(sampler="ddpm", steps="250")
 
   config_lib.apply_shorthands(c, kv, __file__)

@@ -39,10 +39,7 @@ def get_config(arg=None):
   else:
     # CPU scale on the embedded dataset; 1000 steps keep the bits/dim eval cheap on 2 cores.
     c.diffusion.num_timesteps = 1000
-    c.data.update(resolution=16, batch_size=32)
-    c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2)
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
-    c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500)
+    c.model.num_heads = 2
     c.sample.update(sampler="ddpm", steps="50")
 
   config_lib.apply_shorthands(c, kv, __file__)

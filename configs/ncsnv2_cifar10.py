@@ -37,10 +37,7 @@ def get_config(arg=None):
     config_lib.apply_tiny(c)
     c.ncsn.update(sigma_last=0.05, steps_per_scale=2, stat_examples=64)
   else:
-    c.data.update(resolution=16, batch_size=32)
-    c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
-    c.train.update(num_steps=1500, log_every=50, checkpoint_every=500, preview_every=500)
+    c.optim.ema_decay = 0.999
 
   config_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)
