@@ -90,3 +90,14 @@ def test_from_config_computes_missing_fields_and_keeps_given_ones():
   fixed = ns.from_config(paper)  # Every field given: no data needed (CIFAR-10 is not here).
   assert len(fixed["sigmas"]) == 232 and fixed["step_size"] == 6.2e-6
   assert fixed["sigmas"][0] == pytest.approx(50)
+
+
+def test_coverage_is_monotonic_in_the_ratio_for_image_dimensions():
+  # Just above 1 coverage rises negligibly (by < 1e-4, above 0.997); below that it falls
+  # monotonically, so Technique 2's equation has one root for any coverage below 0.99.
+  for dim in (192, 3072, 12288):
+    ratios = np.linspace(1.0, 1.5, 400)
+    values = np.array([ns.coverage(dim, r) for r in ratios])
+    assert values.max() - ns.MAX_COVERAGE < 1e-4
+    tail = values[values < 0.99]
+    assert len(tail) > 100 and np.all(np.diff(tail) < 0)

@@ -119,10 +119,14 @@ def test_sample_without_checkpoint_says_train_first(tmp_path):
     ("chen_schedules", "tiny,gamma=sigmoid,start=0,end=3,tau=0.7,scale=0.5,pred=v", "ddim10"),
     ("ncsnv2_cifar10", "tiny", "langevin")])
 def test_continuous_and_score_configs_train_and_sample(tmp_path, name, arg, tag):
-  c = load_config(name, arg)
-  out = train.run(c, str(tmp_path))
-  assert out["step"] == 4 and np.isfinite(out["loss"])
+  cmd = [sys.executable, "-m", "difflax.main", f"--config=configs/{name}.py:{arg}",
+         f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "loss=" in proc.stderr and "nan" not in proc.stderr.split("loss=")[-1][:10]
   assert os.path.exists(tmp_path / "samples" / "step_000004.png")
+  c = load_config(name, arg)
   result = train.run(c, str(tmp_path), mode="sample")
   assert tag in result["png"]
   imgs = np.load(result["npz"])["images"]
