@@ -152,8 +152,11 @@ def from_config(config: Any, respacing: Any = None) -> Diffusion:
   """
   if config.type == "continuous":
     spec = config.inference_gamma or config.gamma
-    steps = int(str(respacing).removeprefix("ddim")) if respacing not in (None, "", 0) else int(
-        config.num_timesteps)
+    steps = str(respacing or config.num_timesteps).removeprefix("ddim")
+    if not steps.isdigit() or int(steps) < 1:
+      raise ValueError(f"Continuous-time sampling takes a number of steps (e.g. '100' or "
+                       f"'ddim50'), got {respacing!r}.")
+    steps = int(steps)
     return from_gamma(schedules.parse_gamma(spec), steps, model_output=config.model_output,
                       var_type=config.var_type, time_input=config.time_input,
                       clip_value=config.input_scale)
