@@ -15,8 +15,8 @@ or samples. Sigmas are descending: sigma_1 (largest) ... sigma_L (smallest).
 The paper's CIFAR-10 setting (D = 3072, sigma 50 -> 0.01, L = 232) has coverage about 0.57, not
 exactly 0.5: with coverage 0.5 Technique 2 gives a slightly larger ratio and fewer scales.
 
-Run `python -m difflax.noise_scales --config=configs/ddpm_cifar10.py` to print the recommended
-configuration for a config's dataset.
+Run `python -m difflax.noise_scales --config=configs/ncsnv2_cifar10.py[:paper]` to print the
+noise design of a config (computed from its dataset where the config leaves fields at 0).
 """
 from __future__ import annotations
 
@@ -141,15 +141,26 @@ def from_config(config) -> dict:
 
 
 def main(argv):
-  """`python -m difflax.noise_scales --config=configs/X.py[:preset]`: prints the recommended noise
-  configuration for the config's training data (images scaled to [-1, 1] as in training)."""
+  """`python -m difflax.noise_scales --config=configs/X.py[:preset] [--config.ncsn.F=V]`: prints the
+  noise design of the config: its `ncsn` fields where given, else computed from its training data
+  (images in [-1, 1] as in training), plus what Techniques 2 and 4 recommend for that range."""
   import json
   from absl import flags
-  from difflax import data as data_lib
   del argv
   cfg = flags.FLAGS.config
-  x = data_lib.sample_array(cfg.data, flags.FLAGS.num_examples or cfg.data.num_examples, cfg.seed)
-  out = recommend(x, flags.FLAGS.sigma_last, flags.FLAGS.steps_per_scale, flags.FLAGS.coverage)
+  design = from_config(cfg)
+  sigmas = design["sigmas"]
+  n = cfg.ncsn
+  out = {"dim": design["dim"], "sigma_first": float(sigmas[0]), "sigma_last": float(sigmas[-1]),
+         "num_scales": len(sigmas), "ratio": design["ratio"], "coverage": design["coverage"],
+         "steps_per_scale": n.steps_per_scale, "step_size": design["step_size"],
+         "eq4_ratio": langevin_ratio(design["step_size"], design["ratio"], sigmas[-1],
+                                     n.steps_per_scale),
+         "technique2_num_scales": num_noise_scales(design["dim"], sigmas[0], sigmas[-1],
+                                                   n.coverage),
+         "technique4_step_size": langevin_step_size(design["ratio"], sigmas[-1],
+                                                    n.steps_per_scale),
+         "sigma_first_from": "config" if n.sigma_first > 0 else "data (Technique 1)"}
   print(json.dumps(out, indent=2))
 
 
@@ -157,11 +168,7 @@ if __name__ == "__main__":
   from absl import app
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config whose data to analyse.",
+  config_flags.DEFINE_config_file("config", None, "Config whose data / ncsn block to use.",
                                   lock_config=True)
-  flags.DEFINE_integer("num_examples", 0, "Examples to use (0: the config's dataset size).")
-  flags.DEFINE_float("sigma_last", 0.01, "Smallest noise scale sigma_L.")
-  flags.DEFINE_integer("steps_per_scale", 5, "Langevin steps T per noise scale.")
-  flags.DEFINE_float("coverage", 0.5, "Technique 2's target overlap between scales.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -69,15 +69,22 @@ def test_recommend_on_embedded_data():
   assert rec["coverage"] >= 0.5 and rec["num_scales"] > 2 and 0 < rec["step_size"] < 1e-4
 
 
-def test_cli_prints_a_recommendation_for_a_config():
+def test_cli_prints_the_design_for_data_and_for_the_paper_setting():
   import json, os, subprocess, sys
   from conftest import REPO
-  proc = subprocess.run([sys.executable, "-m", "difflax.noise_scales",
-                         "--config=configs/ddpm_cifar10.py:tiny"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  rec = json.loads(proc.stdout[proc.stdout.index("{"):])
-  assert rec["dim"] == 8 * 8 * 3 and rec["num_examples"] == 64 and rec["num_scales"] > 2
+
+  def cli(arg):
+    proc = subprocess.run([sys.executable, "-m", "difflax.noise_scales", f"--config={arg}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+  rec = cli("configs/ncsnv2_cifar10.py:tiny")
+  assert rec["dim"] == 8 * 8 * 3 and rec["num_scales"] > 2
+  assert rec["sigma_first_from"] == "data (Technique 1)" and rec["coverage"] >= 0.5
+  paper = cli("configs/ncsnv2_cifar10.py:paper")
+  assert paper["num_scales"] == 232 and paper["coverage"] == pytest.approx(0.567, abs=0.005)
+  assert paper["technique4_step_size"] == pytest.approx(6.2e-6, rel=0.03)
 
 
 def test_from_config_computes_missing_fields_and_keeps_given_ones():
