@@ -163,22 +163,44 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
 
 
 def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
-             label_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """`num` uint8 images [num, H, W, C] (and labels) in sharded batches of `batch_size`."""
+             shard_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+  """`num` uint8 images [num, H, W, C] (and labels) in mesh-sharded batches of `batch_size`.
+
+  Batch i uses `fold_in(key, i)`, so it does not depend on what ran before. With `shard_dir`,
+  each batch is written there as `shard_XXXXX.npz` (atomically) and batches already on disk are
+  loaded instead of sampled: an interrupted 50k-sample run resumes where it stopped without
+  duplicating or losing shards.
+  """
   devices = s.mesh.devices.size
   batch_size = max(devices, (batch_size // devices) * devices)
-  out, labs = [], []
-  for i, lo in enumerate(range(0, num, batch_size)):
-    labels = class_labels(s.config, batch_size, label_offset + lo)
-    y = jax.device_put(labels, s.batch_sharding)
-    x = sample_fn(params, jax.random.fold_in(key, i), y)
+  num_batches = -(-num // batch_size)
+  out, labs, t0, done = [], [], time.perf_counter(), 0
+  for i in range(num_batches):
+    path = shard_dir and os.path.join(shard_dir, f"shard_{i:05d}.npz")
+    if path and os.path.exists(path):
+      with np.load(path, allow_pickle=False) as f:
+        out.append(f["images"])
+        labs.append(f["labels"])
+      continue
+    labels = class_labels(s.config, batch_size, i * batch_size)
+    x = sample_fn(params, jax.random.fold_in(key, i), jax.device_put(labels, s.batch_sharding))
     out.append(images_lib.to_uint8(parallel.to_host(x)))
     labs.append(labels)
+    done += 1
+    if path and jax.process_index() == 0:
+      os.makedirs(shard_dir, exist_ok=True)
+      np.savez(path + ".tmp.npz", images=out[-1], labels=labels)
+      os.replace(path + ".tmp.npz", path)
+    if shard_dir:
+      rate = done / (time.perf_counter() - t0)
+      logging.info("Sample batch %d/%d (%.2f batches/s, ETA %.0fs)", i + 1, num_batches, rate,
+                   (num_batches - i - 1) / rate)
   return np.concatenate(out)[:num], np.concatenate(labs)[:num]
 
 
 def sample(config, workdir: str) -> dict:
-  """--mode=sample: PNG grid + .npz of `config.sample.num` images from the latest checkpoint."""
+  """--mode=sample: `config.sample.num` images from the latest checkpoint as per-batch shards
+  (resumable), one .npz of uint8 images and labels, and a PNG grid of the first 256."""
   s = setup(config, workdir)
   if s.checkpointer.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {s.checkpointer.directory}: train first with "
@@ -187,13 +209,16 @@ def sample(config, workdir: str) -> dict:
   c = config.sample
   fn = make_sample_fn(s, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised)
   params = state.ema_params if c.use_ema else state.params
-  t0 = time.perf_counter()
-  imgs, labels = generate(s, fn, params, jax.random.key(c.seed), c.num, c.batch_size)
-  secs = time.perf_counter() - t0
   step = int(jax.device_get(state.step))
-  method = "langevin" if s.ncsn else f"{c.sampler}{c.steps or 'all'}"
-  tag = f"sample_step{step:06d}_{method}"
+  method = "langevin" if s.ncsn else f"{c.sampler}{c.steps or 'all'}_eta{c.eta:g}"
+  # Everything that changes the images is in the tag, so resumed shards always match.
+  tag = (f"sample_step{step:06d}_{method}_w{c.guidance:g}_label{c.label}_"
+         f"{'ema' if c.use_ema else 'raw'}_seed{c.seed}_bs{c.batch_size}")
   out_dir = os.path.join(workdir, "samples")
+  t0 = time.perf_counter()
+  imgs, labels = generate(s, fn, params, jax.random.key(c.seed), c.num, c.batch_size,
+                          shard_dir=os.path.join(out_dir, tag))
+  secs = time.perf_counter() - t0
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
   if jax.process_index() == 0:
     result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),

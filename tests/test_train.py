@@ -137,3 +137,21 @@ def test_continuous_and_score_configs_train_and_sample(tmp_path, name, arg, tag)
     assert len(meta["ncsn"]["sigmas"]) > 2  # Computed from the data, recorded with the run.
     with pytest.raises(ValueError, match="discrete"):
       train.run(c, str(tmp_path), mode="eval")
+
+
+def test_interrupted_sample_run_resumes_without_duplicating_or_losing_shards(trained):
+  c = load_config("ddpm_cifar10", "tiny")
+  c.sample.update(num=20, batch_size=8, seed=5)  # 3 shards, the last one partly used.
+  first = train.run(c, trained, mode="sample")
+  shard_dir = first["npz"][:-len(".npz")]
+  shards = sorted(os.listdir(shard_dir))
+  assert shards == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
+  kept = os.path.getmtime(os.path.join(shard_dir, shards[0]))
+  os.remove(os.path.join(shard_dir, shards[1]))  # As if killed while writing shard 1.
+  second = train.run(c, trained, mode="sample")
+  assert sorted(os.listdir(shard_dir)) == shards
+  assert os.path.getmtime(os.path.join(shard_dir, shards[0])) == kept  # Not resampled.
+  a, b = np.load(first["npz"]), np.load(second["npz"])
+  assert a["images"].shape == (20, 8, 8, 3)
+  np.testing.assert_array_equal(a["images"], b["images"])
+  np.testing.assert_array_equal(a["labels"], b["labels"])
