@@ -1,0 +1,176 @@
+"""Quick, offline feature network for sample-quality metrics on CPU.
+
+Contract: `train_feature_net(data_config, steps, seed)` trains a small CNN classifier on a dataset
+(the embedded one by default) with a fixed recipe, and returns a `FeatureNet` bundle whose
+`features(images: [N, H, W, C] in [-1, 1]) -> [N, 128] float32` are its penultimate activations.
+Bundles save to / load from one `.npz` (`allow_pickle=False`) and carry `weights_hash`, the first 12
+hex digits of the SHA-256 of their weights: quick FD / KID are always reported with it
+("quick:<hash>") so they are never mistaken for Inception FID, which needs the standard network.
+
+  python -m difflax.evaluation.features --config=configs/ddpm_cifar10.py --out=feats.npz
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+FEATURE_DIM = 128
+
+
+class Classifier(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, return_features: bool = False):
+    for i, ch in enumerate((32, 64, 128)):
+      x = nn.relu(nn.GroupNorm(8, name=f"norm_{i}")(nn.Conv(ch, (3, 3), name=f"conv_{i}")(x)))
+      if i < 2:
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+    feats = nn.relu(nn.Dense(FEATURE_DIM, name="features")(x.mean(axis=(1, 2))))
+    if return_features:
+      return feats
+    return nn.Dense(self.num_classes, name="head")(feats)
+
+
+@dataclasses.dataclass
+class FeatureNet:
+  params: Any
+  meta: dict
+
+  @property
+  def weights_hash(self) -> str:
+    return self.meta["weights_hash"]
+
+  @property
+  def label(self) -> str:
+    return f"quick:{self.weights_hash}"
+
+  def features(self, images, batch_size: int = 256) -> np.ndarray:
+    """[N, H, W, C] float in [-1, 1] (or uint8) -> [N, 128] float32 features."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 127.5 - 1.0
+    model = Classifier(self.meta["num_classes"])
+    fn = _feature_fn(model)
+    return np.concatenate([np.asarray(fn(self.params, jnp.asarray(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
+  def save(self, path: str) -> str:
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path + ".tmp.npz", __meta__=np.frombuffer(json.dumps(self.meta).encode(), np.uint8),
+             **flat)
+    os.replace(path + ".tmp.npz", path)
+    return path
+
+
+def _feature_fn(model):
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
+
+
+def weights_hash(params) -> str:
+  h = hashlib.sha256()
+  for path, leaf in sorted((("/".join(str(getattr(k, "key", k)) for k in p), np.asarray(v))
+                            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]),
+                           key=lambda kv: kv[0]):
+    h.update(path.encode())
+    h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+  return h.hexdigest()[:12]
+
+
+def load(path: str) -> FeatureNet:
+  with np.load(path, allow_pickle=False) as f:
+    meta = json.loads(f["__meta__"].tobytes().decode())
+    params: dict = {}
+    for key in f.files:
+      if key == "__meta__":
+        continue
+      node = params
+      *parents, leaf = key.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = jnp.asarray(f[key])
+  net = FeatureNet(params, meta)
+  if weights_hash(params) != meta["weights_hash"]:
+    raise ValueError(f"{path}: weights do not match their recorded hash; the file is corrupt.")
+  return net
+
+
+def train_feature_net(data_config, steps: int = 800, seed: int = 0,
+                      batch_size: int = 64) -> FeatureNet:
+  """Fixed recipe: Adam 1e-3, `steps` steps of `batch_size`, random flips, cross-entropy."""
+  from difflax import data as data_lib
+  num_classes = max(int(data_config.num_classes), 1)
+  model = Classifier(num_classes)
+  it = data_lib.host_batches(data_config, seed=seed, batch_size=batch_size)
+  first = next(it)
+  params = model.init(jax.random.key(seed), jnp.asarray(first["image"]))["params"]
+  opt = optax.adam(1e-3)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss, (logits.argmax(-1) == y).mean()
+
+  batch, acc = first, 0.0
+  for _ in range(steps):
+    params, opt_state, loss, acc = step(params, opt_state, jnp.asarray(batch["image"]),
+                                        jnp.asarray(batch["label"]))
+    batch = next(it)
+  meta = {"dataset": data_config.name, "resolution": int(data_config.resolution),
+          "num_classes": num_classes, "steps": steps, "seed": seed,
+          "final_train_accuracy": float(acc), "weights_hash": weights_hash(params)}
+  return FeatureNet(params, meta)
+
+
+def default_path(data_config) -> str:
+  name = data_config.name.replace("/", "_")
+  return os.path.join(os.path.expanduser("~/.cache/difflax/features"),
+                      f"quick_{name}_{data_config.resolution}px.npz")
+
+
+def get_or_train(data_config, path: str = "") -> FeatureNet:
+  """The cached quick network for a dataset, trained (about a minute on CPU) if missing."""
+  path = path or default_path(data_config)
+  if os.path.exists(path):
+    return load(path)
+  net = train_feature_net(data_config)
+  net.save(path)
+  return net
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  net = train_feature_net(f.config.data, steps=f.steps, seed=f.seed)
+  path = net.save(f.out or default_path(f.config.data))
+  print(json.dumps({"path": path, "label": net.label, **net.meta}, indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config whose dataset to train on.",
+                                  lock_config=True)
+  flags.DEFINE_string("out", "", "Output .npz (default ~/.cache/difflax/features/...).")
+  flags.DEFINE_integer("steps", 800, "Training steps of the fixed recipe.")
+  flags.DEFINE_integer("seed", 0, "Seed of the fixed recipe.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from conftest import load_config
+from difflax import data
+from difflax.evaluation import features, metrics
+
+
+@pytest.fixture(scope="module")
+def quick_net(tmp_path_factory):
+  c = load_config("ddpm_cifar10", "")  # Embedded data, 16x16.
+  net = features.train_feature_net(c.data, steps=300)
+  path = net.save(str(tmp_path_factory.mktemp("feat") / "quick.npz"))
+  return net, path, c
+
+
+def fd(net, ref, images):
+  a, b = net.features(ref), net.features(images)
+  return metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                  np.cov(b, rowvar=False))
+
+
+def test_quick_features_rank_known_corruptions_worse_than_clean_data(quick_net):
+  net, _, c = quick_net
+  assert net.meta["final_train_accuracy"] > 0.25  # 10 classes: chance is 0.1.
+  ref, _ = data.embedded_dataset(1000, 16, split="test")
+  clean, labels = data.embedded_dataset(1000, 16, split="train")
+  x = clean.astype(np.float32) / 127.5 - 1
+  blurred = (x + np.roll(x, 1, 1) + np.roll(x, -1, 1) + np.roll(x, 1, 2) + np.roll(x, -1, 2)) / 5
+  noisy = np.clip(x + np.random.default_rng(0).normal(0, 0.2, x.shape), -1, 1)
+  dropped = x[labels < 5]
+  base = fd(net, ref, x)
+  for name, bad in (("blur", blurred), ("noise", noisy), ("dropped classes", dropped)):
+    assert fd(net, ref, bad) > 2 * base, name
+
+
+def test_feature_net_round_trips_with_its_hash(quick_net):
+  net, path, _ = quick_net
+  loaded = features.load(path)
+  assert loaded.weights_hash == net.weights_hash and loaded.label.startswith("quick:")
+  imgs, _ = data.embedded_dataset(16, 16)
+  np.testing.assert_allclose(loaded.features(imgs), net.features(imgs), rtol=1e-5, atol=1e-6)
