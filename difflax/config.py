@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       preview_num=16,
       preview_sampler="ddpm",  # Ancestral sampling is cleaner than few-step DDIM early on.
       preview_steps="100",
-      eval_every=0,         # Bits/dim on the eval split every N steps; 0 disables.
+      eval_every=0,         # Evals (config.eval: bits/dim, quick FD/KID) every N steps; 0 = off.
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -119,8 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
+      bpd=True,             # Bits/dim on the eval split (discrete diffusion only).
       num_batches=1,
       batch_size=16,
+      quick_fd=True,        # FD / KID of EMA samples in the quick feature network's space.
+      num_samples=256,      # Samples per quick-FD eval (drawn with train.preview_*).
+      reference_examples=1000,  # Eval-split examples for the reference statistics.
+      feature_net="",       # .npz of a quick feature network ("" = cached / trained on demand).
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -165,7 +170,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
   c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
                  preview_steps="5")
   c.sample.update(num=8, batch_size=8, steps="5")
-  c.eval.update(num_batches=1, batch_size=8)
+  c.eval.update(num_batches=1, batch_size=8, num_samples=16, reference_examples=64)
 
 
 def check_presets(presets, known, config_name: str):

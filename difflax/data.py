@@ -284,15 +284,17 @@ def host_batches(config, *, seed: int, start_step: int = 0, split: Optional[str]
                       process_index=pidx, process_count=pcount)
 
 
-def sample_array(config, num: int, seed: int = 0) -> np.ndarray:
+def sample_array(config, num: int, seed: int = 0, split: Optional[str] = None) -> np.ndarray:
   """Up to `num` training examples as one float array [N, H, W, C] in [-1, 1] (for statistics
-  such as NCSNv2's sigma_1); in-memory datasets are read directly, TFDS through `host_batches`."""
+  such as NCSNv2's sigma_1 or reference features); in-memory datasets are read directly, TFDS
+  through `host_batches`."""
+  split = split or config.split
   if config.name == "embedded":
-    images, _ = embedded_dataset(num, config.resolution, config.num_classes, 0, config.split)
+    images, _ = embedded_dataset(num, config.resolution, config.num_classes, 0, split)
   elif config.name == "folder":
     images, _, _ = folder_dataset(config.folder, config.resolution)
   else:
-    it = host_batches(config, seed=seed, batch_size=min(num, 500))
+    it = host_batches(config, seed=seed, split=split, batch_size=min(num, 500))
     return np.concatenate([next(it)["image"] for _ in range(max(1, num // 500))])[:num]
   return images[:num].astype(np.float32) / 127.5 - 1.0
 

@@ -265,15 +265,105 @@ def eval_bpd(s: Setup, params, bpd_fn, step: int) -> dict:
           "eval_examples": int(len(bpd)), "step": step}
 
 
+class Evaluator:
+  """The configured evals of EMA params at a step: bits/dim (discrete models, `eval.bpd`) and quick
+  FD / KID of `eval.num_samples` samples (drawn with the preview sampler) against the eval split
+  in the quick feature network's space (`eval.quick_fd`), labelled with that network's hash.
+  Built once per run so its functions compile once; appends every result to
+  workdir/eval/history.jsonl and tracks the best step in workdir/eval/best.json."""
+
+  def __init__(self, s: Setup):
+    c = s.config
+    self.s = s
+    self.bpd_fn = make_bpd_fn(s) if c.eval.bpd and c.diffusion.type == "discrete" else None
+    self.net = None
+    if c.eval.quick_fd:
+      from difflax.evaluation import features
+      self.net = features.get_or_train(c.data, c.eval.feature_net)
+      ref = data_lib.sample_array(c.data, c.eval.reference_examples, c.seed, c.data.eval_split)
+      self.ref = self.net.features(ref)
+      self.ref_label = f"{c.data.name}:{c.data.eval_split}:{len(ref)}"
+      self.sample_fn = make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
+
+  def __call__(self, params, step: int) -> dict:
+    from difflax.evaluation import metrics
+    c, result = self.s.config, {"step": step}
+    if self.bpd_fn is not None:
+      result.update(eval_bpd(self.s, params, self.bpd_fn, step))
+    if self.net is not None:
+      imgs, _ = generate(self.s, self.sample_fn, params, self.s.keys["eval"], c.eval.num_samples,
+                         c.sample.batch_size)
+      f = self.net.features(imgs)
+      fd = metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.ref.mean(0),
+                                    np.cov(self.ref, rowvar=False))
+      kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
+                                      subset_size=min(len(f), len(self.ref), 1000))
+      result.update(quick_fd=fd, quick_kid=kid_mean, quick_kid_std=kid_std,
+                    features=self.net.label, num_samples=int(len(f)), reference=self.ref_label,
+                    sampler=f"{c.train.preview_sampler}{c.train.preview_steps}")
+    self._record(result)
+    return result
+
+  def _record(self, result: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    out = os.path.join(self.s.workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "history.jsonl"), "a") as f:
+      f.write(json.dumps(result) + "\n")
+    key = "quick_fd" if "quick_fd" in result else "eval_bpd"
+    best_path = os.path.join(out, "best.json")
+    best = json.load(open(best_path)) if os.path.exists(best_path) else None
+    if key in result and (best is None or result[key] < best.get(key, np.inf)):
+      _write_json(best_path, result)
+    plot_history(self.s.workdir)
+
+
+def plot_history(workdir: str) -> Optional[str]:
+  """workdir/eval/metrics.png: training loss and every eval metric against the step."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  series = {}
+  for name in ("loss_history.jsonl", os.path.join("eval", "history.jsonl")):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      for line in open(path):
+        row = json.loads(line)
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)) and not k.endswith(("_std", "_sem")):
+            series.setdefault(k, {})[row["step"]] = v
+  keys = [k for k in ("loss", "eval_bpd", "quick_fd", "quick_kid") if k in series]
+  if not keys:
+    return None
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    steps = sorted(series[k])
+    ax.plot(steps, [series[k][t] for t in steps], marker="." if k != "loss" else None)
+    ax.set(xlabel="step", title=k)
+  fig.tight_layout()
+  path = os.path.join(workdir, "eval", "metrics.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
 def evaluate(config, workdir: str) -> dict:
-  """--mode=eval: bits/dim of the latest checkpoint's EMA params on the eval split."""
+  """--mode=eval: the configured evals of the latest checkpoint's EMA params."""
   s = setup(config, workdir)
   if s.checkpointer.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {s.checkpointer.directory}: train first.")
+  if config.diffusion.type != "discrete" and not config.eval.quick_fd:
+    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; enable "
+                     "config.eval.quick_fd for continuous-time and score models.")
   state, _ = restore_or_init(s)
   step = int(jax.device_get(state.step))
-  result = eval_bpd(s, state.ema_params, make_bpd_fn(s), step)
-  _write_json(os.path.join(workdir, "eval", f"bpd_step{step:06d}.json"), result)
+  result = Evaluator(s)(state.ema_params, step)
+  _write_json(os.path.join(workdir, "eval", f"eval_step{step:06d}.json"), result)
   logging.info("Eval: %s", result)
   return result
 
@@ -349,7 +439,7 @@ def train(config, workdir: str) -> dict:
   logging.info("Compiled the train step in %.1fs", compile_secs)
   preview_fn = (make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
                 if c.train.preview_every else None)
-  bpd_fn = make_bpd_fn(s) if c.train.eval_every else None
+  evaluator = Evaluator(s) if c.train.eval_every else None
   report = periodic_actions.ReportProgress(num_train_steps=c.train.num_steps, writer=writer,
                                            every_secs=30.0)
   # ---- Loop
@@ -371,6 +461,9 @@ def train(config, workdir: str) -> dict:
         if step == start + len(pending):
           means["compile_secs"] = compile_secs
         writer.write_scalars(step, means)
+        if jax.process_index() == 0:
+          with open(os.path.join(workdir, "loss_history.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "loss": means["loss"]}) + "\n")
         last, pending, window_start = means, [], time.perf_counter()
       if step % c.train.checkpoint_every == 0 or final:
         s.checkpointer.save(step, state, s.meta(state))
@@ -381,10 +474,10 @@ def train(config, workdir: str) -> dict:
         if jax.process_index() == 0:
           images_lib.save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
-      if bpd_fn is not None and (step % c.train.eval_every == 0 or final):
-        result = eval_bpd(s, state.ema_params, bpd_fn, step)
-        writer.write_scalars(step, {k: v for k, v in result.items() if k != "step"})
-        _write_json(os.path.join(workdir, "eval", f"bpd_step{step:06d}.json"), result)
+      if evaluator is not None and (step % c.train.eval_every == 0 or final):
+        result = evaluator(state.ema_params, step)
+        writer.write_scalars(step, {k: v for k, v in result.items()
+                                    if isinstance(v, float) and k != "step"})
       if not pending:  # Checkpoints, previews and evals do not count as training time.
         window_start = time.perf_counter()
       if stop.requested:

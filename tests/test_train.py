@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 def test_cli_end_to_end_writes_checkpoint_metrics_and_png(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "difflax.main", "--config=configs/ddpm_cifar10.py:tiny",
-         f"--workdir={tmp_path}", "--config.train.num_steps=2"]
+         f"--workdir={tmp_path}", "--config.train.num_steps=2", "--config.train.eval_every=2"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
@@ -46,6 +46,9 @@ def test_cli_end_to_end_writes_checkpoint_metrics_and_png(tmp_path):
   assert os.path.exists(tmp_path / "samples" / "step_000002.png")
   assert json.load(open(tmp_path / "config.json"))["train"]["num_steps"] == 2
   assert "loss=" in proc.stderr and "compile_secs" in proc.stderr
+  history = [json.loads(l) for l in open(tmp_path / "eval" / "history.jsonl")]
+  assert [h["step"] for h in history] == [2] and "quick_fd" in history[0]
+  assert "eval_bpd" in history[0] and os.path.exists(tmp_path / "eval" / "metrics.png")
 
 
 def test_cli_unknown_config_key_fails_with_its_name(tmp_path):
@@ -84,7 +87,11 @@ def test_sample_and_eval_modes(trained):
   assert imgs.shape == (8, 8, 8, 3) and imgs.dtype == np.uint8 and os.path.exists(out["png"])
   result = train.run(c, trained, mode="eval")
   assert np.isfinite(result["eval_bpd"]) and result["eval_bpd"] > 0
-  assert os.path.exists(os.path.join(trained, "eval", "bpd_step000004.json"))
+  assert result["quick_fd"] > 0 and result["features"].startswith("quick:")
+  assert result["num_samples"] == c.eval.num_samples
+  assert os.path.exists(os.path.join(trained, "eval", "eval_step000004.json"))
+  assert json.load(open(os.path.join(trained, "eval", "best.json")))["step"] == 4
+  assert os.path.exists(os.path.join(trained, "eval", "metrics.png"))
 
 
 def test_checkpoint_from_another_architecture_is_refused(trained):
@@ -135,6 +142,9 @@ def test_continuous_and_score_configs_train_and_sample(tmp_path, name, arg, tag)
   assert meta["diffusion"]["type"] == c.diffusion.type
   if name == "ncsnv2_cifar10":
     assert len(meta["ncsn"]["sigmas"]) > 2  # Computed from the data, recorded with the run.
+    result = train.run(c, str(tmp_path), mode="eval")  # Quick FD only: no bits/dim for NCSN.
+    assert "eval_bpd" not in result and np.isfinite(result["quick_fd"])
+    c.eval.quick_fd = False
     with pytest.raises(ValueError, match="discrete"):
       train.run(c, str(tmp_path), mode="eval")
 

@@ -139,9 +139,13 @@ def train_feature_net(data_config, steps: int = 800, seed: int = 0,
 
 
 def default_path(data_config) -> str:
+  """~/.cache/difflax/features/quick_<dataset>_<res>px_<hash of the data settings>.npz"""
+  keys = ("name", "resolution", "channels", "num_classes", "num_examples", "folder", "data_dir",
+          "split")
+  ident = hashlib.sha256(json.dumps({k: str(data_config[k]) for k in keys}).encode()).hexdigest()
   name = data_config.name.replace("/", "_")
   return os.path.join(os.path.expanduser("~/.cache/difflax/features"),
-                      f"quick_{name}_{data_config.resolution}px.npz")
+                      f"quick_{name}_{data_config.resolution}px_{ident[:8]}.npz")
 
 
 def get_or_train(data_config, path: str = "") -> FeatureNet:
