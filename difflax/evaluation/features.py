@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 FEATURE_DIM = 128
+RECIPE = 1  # Bump when the architecture or training recipe changes: cached networks retrain.
 
 
 class Classifier(nn.Module):
@@ -132,7 +133,7 @@ def train_feature_net(data_config, steps: int = 800, seed: int = 0,
     params, opt_state, loss, acc = step(params, opt_state, jnp.asarray(batch["image"]),
                                         jnp.asarray(batch["label"]))
     batch = next(it)
-  meta = {"dataset": data_config.name, "resolution": int(data_config.resolution),
+  meta = {"recipe": RECIPE, "dataset": data_config.name, "resolution": int(data_config.resolution),
           "num_classes": num_classes, "steps": steps, "seed": seed,
           "final_train_accuracy": float(acc), "weights_hash": weights_hash(params)}
   return FeatureNet(params, meta)
@@ -150,9 +151,12 @@ def default_path(data_config) -> str:
 
 def get_or_train(data_config, path: str = "") -> FeatureNet:
   """The cached quick network for a dataset, trained (about a minute on CPU) if missing."""
+  explicit = bool(path)
   path = path or default_path(data_config)
   if os.path.exists(path):
-    return load(path)
+    net = load(path)
+    if explicit or net.meta.get("recipe") == RECIPE:
+      return net
   net = train_feature_net(data_config)
   net.save(path)
   return net
