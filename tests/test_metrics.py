@@ -50,3 +50,18 @@ def test_streaming_stats_equal_batch_stats():
   np.testing.assert_allclose(s.mean, x.astype(np.float32).astype(np.float64).mean(0), rtol=1e-12)
   np.testing.assert_allclose(s.cov, np.cov(x.astype(np.float32).astype(np.float64),
                                            rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_dataset_stats_round_trip_and_inception_is_refused(tmp_path):
+  from conftest import load_config
+  from difflax.evaluation import stats
+  c = load_config("ddpm_cifar10", "tiny")
+  s = stats.dataset_stats(c, num=64)
+  assert s["mu"].shape == (128,) and s["sigma"].shape == (128, 128) and s["num"] == 64
+  assert s["features"].startswith("quick:") and s["dataset"] == "embedded:test:8"
+  loaded = stats.load_stats(stats.save_stats(str(tmp_path / "ref.npz"), s))
+  np.testing.assert_array_equal(loaded["mu"], s["mu"])
+  assert loaded["features"] == s["features"]
+  assert metrics.frechet_distance(s["mu"], s["sigma"], loaded["mu"], loaded["sigma"]) < 1e-6
+  with pytest.raises(NotImplementedError, match="InceptionV3"):
+    stats.dataset_stats(c, features="inception", num=8)
