@@ -198,7 +198,9 @@ def array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, 
   step = start_step
   while True:
     pos = step * global_batch + np.arange(global_batch)
-    idx = np.array([perm(e)[i] for e, i in zip(pos // n, pos % n)])
+    epochs, idx = pos // n, np.empty(global_batch, np.int64)
+    for e in np.unique(epochs):  # At most two epochs meet in one batch.
+      idx[epochs == e] = perm(int(e))[pos[epochs == e] % n]
     flip = np.random.default_rng([seed, 1, step]).random(global_batch) < 0.5
     sl = slice(process_index * local, (process_index + 1) * local)
     idx, flip = idx[sl], flip[sl]

@@ -282,6 +282,7 @@ class Evaluator:
       self.net = features.get_or_train(c.data, c.eval.feature_net)
       ref = data_lib.sample_array(c.data, c.eval.reference_examples, c.seed, c.data.eval_split)
       self.ref = self.net.features(ref)
+      self.ref_mu, self.ref_cov = self.ref.mean(0), np.cov(self.ref, rowvar=False)
       self.ref_label = f"{c.data.name}:{c.data.eval_split}:{len(ref)}"
       self.sample_fn = make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
 
@@ -294,8 +295,8 @@ class Evaluator:
       imgs, _ = generate(self.s, self.sample_fn, params, self.s.keys["eval"], c.eval.num_samples,
                          c.sample.batch_size)
       f = self.net.features(imgs)
-      fd = metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.ref.mean(0),
-                                    np.cov(self.ref, rowvar=False))
+      fd = metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.ref_mu,
+                                    self.ref_cov)
       kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
                                       subset_size=min(len(f), len(self.ref), 1000))
       result.update(quick_fd=fd, quick_kid=kid_mean, quick_kid_std=kid_std,

@@ -12,6 +12,7 @@ hex digits of the SHA-256 of their weights: quick FD / KID are always reported w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -60,8 +61,7 @@ class FeatureNet:
     images = np.asarray(images)
     if images.dtype == np.uint8:
       images = images.astype(np.float32) / 127.5 - 1.0
-    model = Classifier(self.meta["num_classes"])
-    fn = _feature_fn(model)
+    fn = _feature_fn(self.meta["num_classes"])
     return np.concatenate([np.asarray(fn(self.params, jnp.asarray(images[i:i + batch_size])))
                            for i in range(0, len(images), batch_size)])
 
@@ -75,7 +75,10 @@ class FeatureNet:
     return path
 
 
-def _feature_fn(model):
+@functools.lru_cache(maxsize=None)
+def _feature_fn(num_classes: int):
+  """One jitted feature extractor per head size, so repeated evals never recompile it."""
+  model = Classifier(num_classes)
   return jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
 
 
