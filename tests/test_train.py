@@ -49,6 +49,8 @@ def test_cli_end_to_end_writes_checkpoint_metrics_and_png(tmp_path):
   history = [json.loads(l) for l in open(tmp_path / "eval" / "history.jsonl")]
   assert [h["step"] for h in history] == [2] and "quick_fd" in history[0]
   assert "eval_bpd" in history[0] and os.path.exists(tmp_path / "eval" / "metrics.png")
+  # The best eval's state is kept apart from the keep-N rotation of checkpoints/.
+  assert history[0]["is_best"] and os.path.isdir(tmp_path / "best" / "2")
 
 
 def test_cli_unknown_config_key_fails_with_its_name(tmp_path):
@@ -87,11 +89,31 @@ def test_sample_and_eval_modes(trained):
   assert imgs.shape == (8, 8, 8, 3) and imgs.dtype == np.uint8 and os.path.exists(out["png"])
   result = train.run(c, trained, mode="eval")
   assert np.isfinite(result["eval_bpd"]) and result["eval_bpd"] > 0
-  assert result["quick_fd"] > 0 and result["features"].startswith("quick:")
+  assert result["quick_fd"] > 0 and result["quick_features"].startswith("quick:")
+  assert 0 <= result["quick_precision"] <= 1 and 0 <= result["quick_recall"] <= 1
   assert result["num_samples"] == c.eval.num_samples
   assert os.path.exists(os.path.join(trained, "eval", "eval_step000004.json"))
   assert json.load(open(os.path.join(trained, "eval", "best.json")))["step"] == 4
   assert os.path.exists(os.path.join(trained, "eval", "metrics.png"))
+
+
+def test_eval_with_inception_and_reference_stats_files(trained, tmp_path):
+  from difflax.evaluation import inception, stats
+  params = inception.init_params(seed=3)  # Random weights: shapes and plumbing, not real FID.
+  weights = inception.InceptionWeights(params, {"weights_hash": inception.weights_hash(params)})
+  c = load_config("ddpm_cifar10", "tiny")
+  c.eval.update(bpd=False, inception=True, inception_weights=weights.save(str(tmp_path / "w.npz")),
+                num_samples=8, reference_examples=16)
+  quick_stats = stats.dataset_stats(c, "quick", num=32)
+  c.eval.reference_stats = stats.save_stats(str(tmp_path / "ref.npz"), quick_stats)
+  result = train.run(c, trained, mode="eval")
+  assert result["features"] == weights.label and np.isfinite(result["fid"])
+  assert 0 <= result["precision"] <= 1 and np.isfinite(result["kid"])
+  assert "ref.npz" in result["quick_reference"] and "ref.npz" not in result["reference"]
+  quick_stats["features"] = "quick:000000000000"  # Statistics from another quick network.
+  c.eval.reference_stats = stats.save_stats(str(tmp_path / "other.npz"), quick_stats)
+  with pytest.raises(ValueError, match="recompute them"):
+    train.run(c, trained, mode="eval")
 
 
 def test_checkpoint_from_another_architecture_is_refused(trained):

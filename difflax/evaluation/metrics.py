@@ -90,6 +90,14 @@ class StreamingStats:
     self.sum = np.zeros(dim, np.float64)
     self.outer = np.zeros((dim, dim), np.float64)
 
+  @classmethod
+  def of(cls, features, chunk: int = 4096) -> "StreamingStats":
+    f = np.asarray(features)
+    acc = cls(f.shape[1])
+    for lo in range(0, len(f), chunk):
+      acc.update(f[lo:lo + chunk])
+    return acc
+
   def update(self, features) -> "StreamingStats":
     f = np.asarray(features, np.float64)
     self.n += len(f)

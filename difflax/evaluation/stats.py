@@ -8,8 +8,9 @@ accumulated in float64 batch by batch (`metrics.StreamingStats`).
   python -m difflax.evaluation.stats --config=configs/ddpm_cifar10.py --features=quick \
       --split=test --num=10000 --out=ref_stats.npz
 
-Only the quick feature network is available so far; `--features=inception` explains what is
-missing rather than computing something else.
+`--features=inception` uses the FID InceptionV3 (`evaluation.inception`; weights from a local
+file, never downloaded); `--features=quick` the offline quick network. The label stored in the file
+(`inception:<hash>` / `quick:<hash>`) is checked against the network an eval uses.
 """
 from __future__ import annotations
 
@@ -21,22 +22,37 @@ import numpy as np
 from difflax.evaluation import metrics
 
 
-def dataset_stats(config, features: str = "quick", split: str | None = None,
-                  num: int = 10_000, feature_net: str = "") -> dict:
+def extractor(config, features: str = "quick"):
+  """The feature network named by `features` for `config`: an object with `.label` and
+  `.features(images [N, H, W, C] in [-1, 1] or uint8) -> [N, D]`."""
+  if features == "quick":
+    from difflax.evaluation import features as features_lib
+    return features_lib.get_or_train(config.data, config.eval.feature_net)
+  if features == "inception":
+    from difflax.evaluation import inception
+    if config.data.channels != 3:
+      raise ValueError(f"Inception features need RGB data; config.data.channels="
+                       f"{config.data.channels}.")
+    return inception.load_weights(config.eval.inception_weights)
+  raise ValueError(f"Unknown features={features!r}; use 'quick' or 'inception'.")
+
+
+def reference_features(config, net, num: int, split: str | None = None,
+                       batch: int = 256) -> np.ndarray:
+  """[num, D] features of `num` examples of the dataset's `split` (default: eval split)."""
   from difflax import data as data_lib
-  from difflax.evaluation import features as features_lib
-  if features != "quick":
-    raise NotImplementedError(
-        f"features={features!r} is not available yet: the FID InceptionV3 port is still to be "
-        "built (see the evaluation issue). Use features=quick, whose numbers carry the quick "
-        "network's hash.")
+  d = config.data
+  images = data_lib.sample_array(d, num, config.seed, split or d.eval_split)
+  return np.concatenate([net.features(images[lo:lo + batch])
+                         for lo in range(0, len(images), batch)])
+
+
+def dataset_stats(config, features: str = "quick", split: str | None = None,
+                  num: int = 10_000) -> dict:
   d = config.data
   split = split or d.eval_split
-  net = features_lib.get_or_train(d, feature_net)
-  images = data_lib.sample_array(d, num, config.seed, split)
-  acc = metrics.StreamingStats(features_lib.FEATURE_DIM)
-  for lo in range(0, len(images), 512):
-    acc.update(net.features(images[lo:lo + 512]))
+  net = extractor(config, features)
+  acc = metrics.StreamingStats.of(reference_features(config, net, num, split))
   return {"mu": acc.mean, "sigma": acc.cov, "num": acc.n, "features": net.label,
           "dataset": f"{d.name}:{split}:{d.resolution}"}
 
