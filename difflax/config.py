@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
       folder="",            # Root of a folder-of-images dataset (name="folder").
       num_examples=4096,    # Size of the embedded dataset.
       shuffle_buffer=10_000,
+      low_res=0,            # >0: batches also carry `low_res`, the images box-downsampled to
+                            # this resolution (cascade SR stages; set by the cascade config).
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -61,6 +63,23 @@ def base_config() -> ml_collections.ConfigDict:
       input_scale=1.0,      # b in x_t = sqrt(gamma) b x0 + sqrt(1 - gamma) eps.
       normalize_input=False,  # Divide x_t by its per-example std before the network.
       time_input="t",       # "t" (fed as 1000 t) | "logsnr"
+  ))
+
+  c.cond = ml_collections.ConfigDict(dict(
+      # Conditioning augmentation of a cascade SR stage (data.low_res > 0; paper 001 Sec. 3).
+      aug="none",           # "none" | "gaussian" (Sec. 3.2 / 3.3) | "blur" (Sec. 3.1)
+      blur_sigma_min=0.4,   # Blur sigma ~ U(min, max) on a `blur_prob` fraction of examples,
+      blur_sigma_max=0.6,   # a `blur_kernel` x `blur_kernel` Gaussian; none at sampling.
+      blur_prob=0.5,
+      blur_kernel=3,
+      # Gaussian: z_s ~ q(z_s | z_0) of the previous stage's forward process (its discrete
+      # schedule and T, filled in by the cascade config), s fed to the model as an embedding.
+      schedule="",
+      num_timesteps=0,
+      train_level=-1,       # s at training; -1 = amortized, s ~ U{0, ..., max_level}.
+      max_level=0,          # 0 = num_timesteps.
+      sample_level=0,       # s at sampling (choose after training: --mode=sweep).
+      sample_mode="non_truncated",  # | "truncated" (stop the previous stage's chain at s).
   ))
 
   c.ncsn = ml_collections.ConfigDict(dict(
@@ -142,6 +161,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def cascade_config(stages: dict) -> ml_collections.ConfigDict:
+  """A cascade: `stages` maps names to complete stage configs (each from `base_config()`), in
+  pipeline order; SR stages set `data.low_res` to the previous stage's resolution."""
+  c = ml_collections.ConfigDict()
+  c.cascade = ml_collections.ConfigDict(dict(
+      order=tuple(stages),
+      stage="",             # Train / eval only this stage ("" = all, in order; each resumes).
+      num=16,               # --mode=sample: pipeline samples,
+      batch_size=16,        # per sharded batch,
+      seed=0,
+      sweep_stage="",       # --mode=sweep: the SR stage whose s is swept ("" = the first),
+      sweep_levels=(0, 50, 100, 200, 400),
+      sweep_num=64,         # samples per s (quick FD / KID vs the eval split),
+      sweep_truncated=False,  # also sweep truncated chains (reruns the base per s).
+  ))
+  c.stages = ml_collections.ConfigDict(stages)
+  return c
+
+
 def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   """'paper,steps=100' -> (['paper'], {'steps': '100'})."""
   presets, kv = [], {}
@@ -177,6 +215,32 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
                  preview_steps="5")
   c.sample.update(num=8, batch_size=8, steps="5")
   c.eval.update(num_batches=1, batch_size=8, num_samples=16, reference_examples=64)
+
+
+def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:
+  """`:tiny` for a cascade: the first stage at 8x8, each SR stage doubling it, ~10k-param UNets,
+  4 steps each, 8 pipeline samples."""
+  res = 8
+  for i, name in enumerate(c.cascade.order):
+    st = c.stages[name]
+    apply_tiny(st)
+    st.model.class_conditional = False
+    if i:
+      st.data.update(low_res=res, resolution=2 * res)
+      st.model.attn_resolutions = ()
+      st.cond.update(schedule="", num_timesteps=0, max_level=0, sample_level=10,
+                     train_level=-1)
+      res *= 2
+    if st.diffusion.type == "continuous":
+      st.diffusion.num_timesteps = 100
+  c.cascade.update(num=8, batch_size=8, sweep_levels=(0, 10, 50), sweep_num=8)
+
+
+def finalize_cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  from difflax import cascade
+  cascade.validate(c)
+  c.lock()
+  return c
 
 
 def check_presets(presets, known, config_name: str):

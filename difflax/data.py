@@ -21,6 +21,7 @@ import functools
 import os
 from typing import Iterator, Optional
 
+import einops
 import jax
 import numpy as np
 
@@ -265,8 +266,29 @@ def tfds_batches(config, split: str, global_batch: int, *, seed: int, start_step
 # --------------------------------------------------------------------------- entry point
 def host_batches(config, *, seed: int, start_step: int = 0, split: Optional[str] = None,
                  batch_size: Optional[int] = None) -> Iterator[dict]:
-  """Numpy batches for this process (before they are assembled into global arrays)."""
+  """Numpy batches for this process (before they are assembled into global arrays). With
+  `config.low_res` > 0 each batch also holds `low_res`, the box-downsampled copy of its images (a
+  cascade SR stage's conditioning; same flip, same example, so pairs are always consistent)."""
   split = split or config.split
+  it = _host_batches(config, seed=seed, start_step=start_step, split=split,
+                     batch_size=batch_size)
+  if not config.low_res:
+    return it
+  return ({**b, "low_res": box_downsample(b["image"], config.low_res)} for b in it)
+
+
+def box_downsample(images, resolution: int):
+  """[B, H, W, C] -> [B, r, r, C] by averaging H/r x W/r blocks (the standard way low-resolution
+  ImageNet variants are made). Works on numpy and jax arrays."""
+  factor = images.shape[1] // resolution
+  if factor * resolution != images.shape[1] or images.shape[1] != images.shape[2]:
+    raise ValueError(f"Cannot box-downsample {images.shape[1]}x{images.shape[2]} images to "
+                     f"{resolution}x{resolution}: the resolution must divide the image size.")
+  return einops.reduce(images, "b (h p) (w q) c -> b h w c", "mean", p=factor, q=factor)
+
+
+def _host_batches(config, *, seed: int, start_step: int, split: str,
+                  batch_size: Optional[int]) -> Iterator[dict]:
   batch = batch_size or config.batch_size
   pidx, pcount = jax.process_index(), jax.process_count()
   if batch % pcount:

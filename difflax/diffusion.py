@@ -146,7 +146,8 @@ def from_config(config: Any, respacing: Any = None) -> Diffusion:
   """Diffusion from a `config.diffusion` block.
 
   Discrete (`type="discrete"`): schedule, num_timesteps, model_output, var_type; `respacing` is a
-  `schedules.space_timesteps` spec ("ddim50", "250", 100, ...) or None / "" for the full chain.
+  `schedules.space_timesteps` spec ("ddim50", "250", 100, ...), a list of kept steps, or None / ""
+  for the full chain.
   Continuous (`type="continuous"`): the chain of `inference_gamma` (or the training `gamma`) with
   `respacing` steps (an int or digit string; default num_timesteps).
   """
@@ -165,7 +166,9 @@ def from_config(config: Any, respacing: Any = None) -> Diffusion:
   t_max = int(config.num_timesteps)
   betas = schedules.get_betas(config.schedule, t_max)
   timesteps = None
-  if respacing not in (None, "", 0) and str(respacing) != str(t_max):
+  if isinstance(respacing, (list, tuple)):  # Explicit kept steps (e.g. a truncated chain's).
+    timesteps = sorted(int(t) for t in respacing)
+  elif respacing not in (None, "", 0) and str(respacing) != str(t_max):
     timesteps = schedules.space_timesteps(t_max, respacing)
   return build(betas, model_output=config.model_output, var_type=config.var_type,
                timesteps=timesteps)

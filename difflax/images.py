@@ -2,7 +2,8 @@
 
 Contract: `to_uint8(x: [B, H, W, C] in [-1, 1]) -> uint8 [B, H, W, C]`; `make_grid(images, ncol)`
 tiles [B, H, W, C] uint8 into one [rows*(H+pad), ncol*(W+pad), C] image; `save_png(path, image)`
-writes it (single-channel grids as grey, small grids upscaled). Nothing here touches devices.
+writes it (single-channel grids as grey, small grids upscaled); `make_pair_grid(low, high)` shows
+each super-resolution sample next to its low-res input. Nothing here touches devices.
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
     grid[pad + r * (h + pad):pad + r * (h + pad) + h,
          pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
   return grid
+
+
+def make_pair_grid(low, high) -> np.ndarray:
+  """low: [B, h, w, C] conditioning (float, may be noised), high: [B, H, W, C] uint8 or float
+  outputs -> one grid whose cells are [low nearest-upsampled to H | high]."""
+  high = high if np.asarray(high).dtype == np.uint8 else to_uint8(high)
+  f = high.shape[1] // low.shape[1]
+  up = to_uint8(np.repeat(np.repeat(np.asarray(low), f, 1), f, 2))
+  return make_grid(np.concatenate([up, high], axis=2))
 
 
 def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:

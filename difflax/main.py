@@ -1,7 +1,7 @@
 """Command-line entry point: flags only.
 
   python -m difflax.main --config=configs/ddpm_cifar10.py[:preset] --workdir=DIR \
-      [--mode=train|sample|eval] [--config.x.y=value ...]
+      [--mode=train|sample|eval|sweep] [--config.x.y=value ...]
 
 The config file's `get_config(arg)` returns a locked ConfigDict, so an override of a key that does
 not exist fails with that key's name. Multi-process launches (TPU pods, SLURM, explicit
@@ -18,7 +18,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep"],
+                  "What to do (sweep: a cascade's augmentation-level sweep).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto = when a multi-process cluster is detected.")
 flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",

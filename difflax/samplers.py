@@ -32,8 +32,17 @@ def _init(d: diff_lib.Diffusion, shape, key, x_T):
   return x, step_key
 
 
+def _chain(d: diff_lib.Diffusion, stop_at: int) -> jax.Array:
+  """Chain indices the reverse process visits: T-1 down to `stop_at` + 1. The result is then at
+  the noise level of index `stop_at` (a truncated chain, CDM Sec. 3.2), or clean for -1."""
+  if not -1 <= stop_at < d.num_timesteps - 1:
+    raise ValueError(f"stop_at={stop_at} outside [-1, {d.num_timesteps - 2}].")
+  return jnp.arange(d.num_timesteps - 1, stop_at, -1)
+
+
 def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
-                clip_denoised: bool = True, x_T: Optional[jax.Array] = None) -> jax.Array:
+                clip_denoised: bool = True, x_T: Optional[jax.Array] = None,
+                stop_at: int = -1) -> jax.Array:
   """Ancestral sampling (DDPM Algorithm 2) with the configured reverse variance. x: shape."""
   x, step_key = _init(d, shape, key, x_T)
 
@@ -44,12 +53,13 @@ def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
     x = out.mean + (i > 0) * jnp.exp(0.5 * out.log_variance) * z
     return x, None
 
-  x, _ = jax.lax.scan(body, x, jnp.arange(d.num_timesteps - 1, -1, -1))
+  x, _ = jax.lax.scan(body, x, _chain(d, stop_at))
   return x
 
 
 def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta: float = 0.0,
-                clip_denoised: bool = True, x_T: Optional[jax.Array] = None) -> jax.Array:
+                clip_denoised: bool = True, x_T: Optional[jax.Array] = None,
+                stop_at: int = -1) -> jax.Array:
   """DDIM (Song et al. 2021, Eq. 12): eta=0 deterministic, eta=1 the ancestral DDPM chain."""
   x, step_key = _init(d, shape, key, x_T)
 
@@ -63,7 +73,7 @@ def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta
     z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)
     return mean + (i > 0) * sigma * z, None
 
-  x, _ = jax.lax.scan(body, x, jnp.arange(d.num_timesteps - 1, -1, -1))
+  x, _ = jax.lax.scan(body, x, _chain(d, stop_at))
   return x
 
 
@@ -109,11 +119,12 @@ def get_sampler(name: str) -> Callable:
 
 def sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, method: str = "ddim",
            eta: float = 0.0, clip_denoised: bool = True,
-           x_T: Optional[jax.Array] = None) -> jax.Array:
-  """Dispatches to the sampler registered as `method` ("ddpm" or "ddim")."""
+           x_T: Optional[jax.Array] = None, stop_at: int = -1) -> jax.Array:
+  """Dispatches to the sampler registered as `method` ("ddpm" or "ddim"). `stop_at` >= 0 returns
+  the intermediate x at chain index `stop_at` instead of x0."""
   kwargs = {"eta": eta} if method == "ddim" else {}
   return get_sampler(method)(denoise_fn, d, shape, key, clip_denoised=clip_denoised, x_T=x_T,
-                             **kwargs)
+                             stop_at=stop_at, **kwargs)
 
 
 def classifier_free_guidance(apply_fn: Callable, labels: jax.Array, null_label: int,

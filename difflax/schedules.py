@@ -144,7 +144,17 @@ def gamma_cosine(t, start: float = 0, end: float = 1, tau: float = 1, clip_min: 
   return xp.clip(output, clip_min, 1.0)
 
 
-GAMMA_SCHEDULES = {"linear": gamma_linear, "sigmoid": gamma_sigmoid, "cosine": gamma_cosine}
+def gamma_vp_linear(t, beta_min: float = 0.1, beta_max: float = 20.0, clip_min: float = 1e-9):
+  """Continuous limit of DDPM's linear betas: gamma(t) = exp(-(b0 t + (b1 - b0) t^2 / 2)) with
+  b = T * beta, so (0.1, 20) is linear_betas(T) for any T. What "continuous noise conditioning"
+  on a linear schedule trains with (paper 001 Appendix B, via SR3)."""
+  xp = _xp(t)
+  t = xp.asarray(t)
+  return xp.clip(xp.exp(-(beta_min * t + 0.5 * (beta_max - beta_min) * t ** 2)), clip_min, 1.0)
+
+
+GAMMA_SCHEDULES = {"linear": gamma_linear, "sigmoid": gamma_sigmoid, "cosine": gamma_cosine,
+                   "vp_linear": gamma_vp_linear}
 
 
 def get_gamma(name: str, **params):

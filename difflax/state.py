@@ -45,6 +45,9 @@ def dummy_inputs(config, batch: int = 1) -> dict:
   kwargs = {"x": jnp.zeros((batch, r, r, ch), jnp.float32), "t": jnp.zeros((batch,), jnp.float32)}
   if config.model.class_conditional:
     kwargs["y"] = jnp.zeros((batch,), jnp.int32)
+  if config.data.low_res:  # Cascade SR stage: the conditioning image (and its level).
+    kwargs["low_res"] = jnp.zeros((batch, config.data.low_res, config.data.low_res, ch))
+    kwargs["aug_level"] = jnp.zeros((batch,), jnp.float32)
   return kwargs
 
 

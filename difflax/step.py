@@ -4,7 +4,8 @@ Contract: `make_train_step(model, objective, optimizer, lr_schedule, config, bas
 `train_step(state, batch) -> (state, metrics)`, pure and unjitted; `train.py` jits it once per
 architecture with shardings and donated state. `objective` is `losses.make_objective(config, ...)`
 (discrete, continuous-time or score matching), so this one step serves every process. Per-step
-randomness (timesteps / noise levels, noise, dropout, label dropout) is
+randomness (timesteps / noise levels, noise, dropout, label dropout, a cascade SR stage's
+conditioning augmentation of `batch["low_res"]`) is
 `fold_in(base_key, state.step)`, so the step is a function of (state, batch)
 alone. Metrics are batch means: loss, mse and/or vb (bits/dim), grad_norm, lr.
 """
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from difflax import cascade
 from difflax import models
 from difflax import state as state_lib
 
@@ -31,10 +33,16 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key):
       # Classifier-free guidance training: replace labels by the null id with prob p.
       drop = jax.random.bernoulli(k_label, config.model.label_dropout, (x0.shape[0],))
       labels = jnp.where(drop, num_classes, batch["label"])
+    cond = {}
+    if "low_res" in batch:  # Cascade SR stage: augmented low-res input and its level (CDM).
+      low_res, level = cascade.augment_condition(jax.random.fold_in(key, 3), batch["low_res"],
+                                                 config)
+      cond = {"low_res": low_res, "aug_level": level}
 
     def loss_fn(params):
       def denoise_fn(x_t, t_model):
-        return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop})
+        return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop},
+                     **cond)
       terms = objective(denoise_fn, x0, k_obj)
       return terms["loss"].mean(), terms
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from difflax import cascade
 from difflax import checkpoint as ckpt_lib
 from difflax import config as config_lib
 from difflax import data as data_lib
@@ -34,10 +35,11 @@ from difflax import models
 from difflax import noise_scales
 from difflax import parallel
 from difflax import samplers
+from difflax import schedules
 from difflax import state as state_lib
 from difflax import step as step_lib
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "sweep")
 
 
 # ------------------------------------------------------------------------------------- Setup
@@ -130,24 +132,47 @@ def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
 
 
 def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
-                   guidance: float = 0.0, clip_denoised: bool = True):
-  """Jitted `(params, key, labels: [B]) -> images [B, H, W, C]`, sharded over the batch axes.
+                   guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0):
+  """Jitted `(params, key, labels: [B], cond: dict) -> images [B, H, W, C]`, sharded over the
+  batch axes. `cond` is {} or a cascade SR stage's {"low_res": [B, h, w, C], "aug_level": [B]}.
 
   The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
   batch over devices. Score models (diffusion.type="ncsn") sample with annealed Langevin dynamics
-  and ignore method / respacing; continuous-time models return x0 = (b x0) / b.
+  and ignore method / respacing; continuous-time models return x0 = (b x0) / b. With
+  `truncate_level` s > 0 (discrete models) the chain stops at CDM's z_s, the noise level of
+  original step s - 1, which is added to the respaced chain so the stop is exact (paper 001
+  Sec. 3.2).
   """
   c = s.config
-  d = None if s.ncsn else diff_lib.from_config(c.diffusion, respacing=respacing)
+  stop_at = -1
+  if s.ncsn:
+    d = None
+  elif truncate_level > 0:
+    if c.diffusion.type != "discrete":
+      raise ValueError("Truncated sampling stops a discrete chain; this stage is "
+                       f"diffusion.type={c.diffusion.type!r}.")
+    t_max = int(c.diffusion.num_timesteps)
+    if truncate_level > t_max:
+      raise ValueError(f"Truncation level {truncate_level} exceeds the chain's T={t_max}.")
+    kept = (set(range(t_max)) if respacing in (None, "", 0)
+            else set(schedules.space_timesteps(t_max, respacing)))
+    kept = sorted(kept | {truncate_level - 1})
+    d = diff_lib.from_config(c.diffusion, respacing=kept)
+    stop_at = kept.index(truncate_level - 1)
+  else:
+    d = diff_lib.from_config(c.diffusion, respacing=respacing)
   model_apply = models.make_apply(s.model, c)
   num_classes = c.data.num_classes if c.model.class_conditional else 0
   shape_hw = (c.data.resolution, c.data.resolution, c.data.channels)
   sharding = s.batch_sharding
 
-  def sample_fn(params, key, labels):
+  def sample_fn(params, key, labels, cond):
     def apply(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
-      return model_apply(params, x, t, y=y if num_classes else None)
+      # Guidance doubles the batch; the conditioning image goes with both halves.
+      reps = x.shape[0] // labels.shape[0]
+      kw = {k: jnp.concatenate([v] * reps) if reps > 1 else v for k, v in cond.items()}
+      return model_apply(params, x, t, y=y if num_classes else None, **kw)
     shape = (labels.shape[0],) + shape_hw
     if s.ncsn is not None:
       return samplers.annealed_langevin(
@@ -160,16 +185,30 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
     else:
       denoise = lambda x, t: apply(x, t, labels)
     x = samplers.sample(denoise, d, shape, key, method=method, eta=eta,
-                        clip_denoised=clip_denoised)
+                        clip_denoised=clip_denoised, stop_at=stop_at)
     return x / c.diffusion.input_scale
 
-  return jax.jit(sample_fn, in_shardings=(s.shardings.params, None, sharding),
+  return jax.jit(sample_fn, in_shardings=(s.shardings.params, None, sharding, sharding),
                  out_shardings=sharding)
 
 
+def ground_truth_condition(s: Setup, num: int, key) -> Optional[dict]:
+  """For an SR stage outside a pipeline (previews, evals): its conditioning built from `num`
+  eval-split examples (box-downsampled, augmented as at sampling). None for other models."""
+  c = s.config
+  if not c.data.low_res:
+    return None
+  images = data_lib.sample_array(c.data, num, c.seed, c.data.eval_split)
+  low = data_lib.box_downsample(images, c.data.low_res)
+  return jax.device_get(cascade.sampling_condition(key, jnp.asarray(low), c.cond))
+
+
 def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
-             shard_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-  """`num` uint8 images [num, H, W, C] (and labels) in mesh-sharded batches of `batch_size`.
+             shard_dir: Optional[str] = None, cond: Optional[dict] = None,
+             as_uint8: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """`num` uint8 images [num, H, W, C] (float32 as sampled with `as_uint8=False`) and their
+  labels, in mesh-sharded batches of `batch_size`. `cond`: per-sample conditioning arrays
+  [num, ...] (a cascade SR stage's inputs), batched alongside.
 
   Batch i uses `fold_in(key, i)`, so it does not depend on what ran before. With `shard_dir`,
   each batch is written there as `shard_XXXXX.npz` (atomically) and batches already on disk are
@@ -188,8 +227,13 @@ def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
         labs.append(f["labels"])
       continue
     labels = class_labels(s.config, batch_size, i * batch_size)
-    x = sample_fn(params, jax.random.fold_in(key, i), jax.device_put(labels, s.batch_sharding))
-    out.append(images_lib.to_uint8(parallel.to_host(x)))
+    rows = np.arange(i * batch_size, (i + 1) * batch_size) % num  # The last batch wraps.
+    batch_cond = {k: jax.device_put(np.asarray(v)[rows], s.batch_sharding)
+                  for k, v in (cond or {}).items()}
+    x = sample_fn(params, jax.random.fold_in(key, i), jax.device_put(labels, s.batch_sharding),
+                  batch_cond)
+    x = parallel.to_host(x)
+    out.append(images_lib.to_uint8(x) if as_uint8 else np.asarray(x, np.float32))
     labs.append(labels)
     done += 1
     if path and jax.process_index() == 0:
@@ -243,16 +287,20 @@ def make_bpd_fn(s: Setup):
   conditional = s.config.model.class_conditional
   model_apply = models.make_apply(s.model, s.config)
 
-  def bpd_fn(params, x0, labels, key):
+  def bpd_fn(params, x0, labels, key, low_res):
+    cond = {}
+    if low_res is not None:  # SR stage: conditioned as at sampling (cond.sample_level).
+          cond = cascade.sampling_condition(jax.random.fold_in(key, 1), low_res, s.config.cond)
+
     def denoise(x, t):
       x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
-      return model_apply(params, x, t, y=labels if conditional else None)
+      return model_apply(params, x, t, y=labels if conditional else None, **cond)
     out = losses.bits_per_dim(s.diffusion, denoise, x0, key)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
             "decoder_bpd": out["vb"][:, 0]}
 
   return jax.jit(bpd_fn, in_shardings=(s.shardings.params, s.batch_sharding, s.batch_sharding,
-                                       None))
+                                       None, s.batch_sharding))
 
 
 def eval_bpd(s: Setup, params, bpd_fn, step: int) -> dict:
@@ -263,7 +311,7 @@ def eval_bpd(s: Setup, params, bpd_fn, step: int) -> dict:
   for i in range(c.eval.num_batches):
     batch = next(it)
     out = parallel.to_host(bpd_fn(params, batch["image"], batch["label"],
-                                  jax.random.fold_in(s.keys["eval"], i)))
+                                  jax.random.fold_in(s.keys["eval"], i), batch.get("low_res")))
     totals.append(out["total_bpd"])
   bpd = np.concatenate(totals)
   return {"eval_bpd": float(bpd.mean()), "eval_bpd_sem": float(bpd.std() / np.sqrt(len(bpd))),
@@ -337,6 +385,7 @@ class Evaluator:
     self.spaces = feature_spaces(c)
     if self.spaces:
       self.sample_fn = make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
+      self.cond = ground_truth_condition(s, c.eval.num_samples, s.keys["eval"])
 
   def __call__(self, params, step: int) -> dict:
     c, result = self.s.config, {"step": step}
@@ -344,7 +393,7 @@ class Evaluator:
       result.update(eval_bpd(self.s, params, self.bpd_fn, step))
     if self.spaces:
       imgs, _ = generate(self.s, self.sample_fn, params, self.s.keys["eval"], c.eval.num_samples,
-                         c.sample.batch_size)
+                         c.sample.batch_size, cond=self.cond)
       for space in self.spaces:
         result.update(space.metrics(imgs, c.eval.precision_recall_k))
       result.update(num_samples=int(len(imgs)),
@@ -491,6 +540,8 @@ def train(config, workdir: str) -> dict:
   logging.info("Compiled the train step in %.1fs", compile_secs)
   preview_fn = (make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
                 if c.train.preview_every else None)
+  preview_cond = (ground_truth_condition(s, c.train.preview_num, s.keys["preview"])
+                  if c.train.preview_every else None)
   evaluator = Evaluator(s) if c.train.eval_every else None
   report = periodic_actions.ReportProgress(num_train_steps=c.train.num_steps, writer=writer,
                                            every_secs=30.0)
@@ -521,8 +572,9 @@ def train(config, workdir: str) -> dict:
         s.checkpointer.save(step, state, s.meta(state))
       if preview_fn is not None and (step % c.train.preview_every == 0 or final):
         imgs, _ = generate(s, preview_fn, state.ema_params, s.keys["preview"],
-                           c.train.preview_num, c.train.preview_num)
-        grid = images_lib.make_grid(imgs)
+                           c.train.preview_num, c.train.preview_num, cond=preview_cond)
+        grid = (images_lib.make_grid(imgs) if preview_cond is None else
+                images_lib.make_pair_grid(preview_cond["low_res"], imgs))
         if jax.process_index() == 0:
           images_lib.save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
@@ -550,6 +602,11 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   """Validates `config`, records it as workdir/config.json and runs `mode`."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode={mode!r}; valid: {MODES}.")
+  if cascade.is_cascade(config):
+    return cascade.run(config, workdir, mode)
+  if mode == "sweep":
+    raise ValueError("--mode=sweep sweeps a cascade's augmentation level; this config has no "
+                     "stages (use a configs/cascade_*.py config).")
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if mode == "train":

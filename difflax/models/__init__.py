@@ -30,11 +30,12 @@ def build_model(config):
       learn_sigma=config.diffusion.var_type == "learned_range",
       out_channels=config.data.channels,
       num_classes=config.data.num_classes if m.class_conditional else 0,
-      dtype=DTYPES[m.dtype])
+      aug_level_cond=config.cond.aug == "gaussian", dtype=DTYPES[m.dtype])
 
 
 def make_apply(model, config):
-  """`apply(params, x, t, y=None, train=False, rngs=None) -> output` for `config`'s process.
+  """`apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None) -> output`
+  for `config`'s process (low_res / aug_level: a cascade SR stage's conditioning).
 
   Continuous time with `diffusion.normalize_input`: x_t is divided by its per-example standard
   deviation before the network, at training and sampling alike (Chen, paper 003 Sec. 2.2).
@@ -43,10 +44,11 @@ def make_apply(model, config):
   normalize = config.diffusion.type == "continuous" and config.diffusion.normalize_input
   unconditional_time = config.diffusion.type == "ncsn"
 
-  def apply(params, x, t, y=None, train=False, rngs=None):
+  def apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None):
     if normalize:
       x = x / jnp.sqrt(jnp.var(x, axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-5)
     if unconditional_time:
       t = jnp.zeros_like(t)
-    return model.apply({"params": params}, x, t, y=y, train=train, rngs=rngs)
+    return model.apply({"params": params}, x, t, y=y, low_res=low_res, aug_level=aug_level,
+                       train=train, rngs=rngs)
   return apply
