@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_groups=8,
       class_conditional=False,
       label_dropout=0.1,    # Probability of the null label in training (classifier-free guidance).
+      project_downsample=False,  # Downsamples change channels to the next level's (growth).
       dtype="float32",
   ))
 
@@ -80,6 +81,22 @@ def base_config() -> ml_collections.ConfigDict:
       max_level=0,          # 0 = num_timesteps.
       sample_level=0,       # s at sampling (choose after training: --mode=sweep).
       sample_mode="non_truncated",  # | "truncated" (stop the previous stage's chain at s).
+  ))
+
+  c.growth = ml_collections.ConfigDict(dict(
+      # Progressive growth (Pro-DDPM, paper 000); empty resolutions = a fixed architecture.
+      resolutions=(),       # e.g. (8, 16, 32): one UNet level added per doubling; ends at
+                            # data.resolution.
+      trigger="steps",      # "steps": grow after stage_steps[i]; "plateau": when the metric has
+      stage_steps=(),       # not improved for plateau_patience evals (the paper: 15 on FID).
+      plateau_metric="train_loss",  # "train_loss" (mean over plateau_every steps) | "quick_fd".
+      plateau_patience=15,
+      plateau_every=50,
+      min_stage_steps=0,
+      fade_kind="sinusoidal",  # "sinusoidal" (Eq. 13) | "linear" (ProGAN) | "abrupt"
+      fade_steps=100,       # T of Eq. 13.
+      fade_offset=0.7,      # s of Eq. 13.
+      forward="full_res",   # "full_res" (Sec. 3.1) | "stage_res" (noise at the stage res).
   ))
 
   c.ncsn = ml_collections.ConfigDict(dict(
@@ -236,6 +253,18 @@ def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:
   c.cascade.update(num=8, batch_size=8, sweep_levels=(0, 10, 50), sweep_num=8)
 
 
+def load_sibling(config_file: str, name: str):
+  """The config module `name` next to `config_file` (configs are files, not a package), so one
+  config can reuse another's stage builders."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"difflax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def finalize_cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from difflax import cascade
   cascade.validate(c)
@@ -301,5 +330,7 @@ def validate(c: Any) -> None:
   if c.model.class_conditional and c.data.num_classes <= 0:
     raise ValueError("config.model.class_conditional=True needs a labelled dataset "
                      "(config.data.num_classes > 0).")
+  from difflax import growth
+  growth.validate(c)
   if c.optim.name not in ("adam", "adamw"):
     raise ValueError(f"config.optim.name={c.optim.name!r}; valid: ['adam', 'adamw'].")

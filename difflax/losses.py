@@ -100,28 +100,36 @@ def dsm_loss(score_net: DenoiseFn, x0, sigma, noise) -> dict:
 
 def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
                    sigmas: Optional[jax.Array] = None) -> Callable:
-  """`objective(denoise_fn, x0, key) -> per-example terms` for `config.diffusion.type`.
+  """`objective(denoise_fn, x0, key, view=None) -> per-example terms` for
+  `config.diffusion.type`; `view` maps full-resolution arrays to a growth stage's resolution.
 
   discrete: t ~ U{0..T-1} and `training_losses` on `diffusion`; continuous: t ~ U(0, 1) and
   `continuous_losses`; ncsn: sigma uniform over `sigmas` and `dsm_loss` (denoise_fn is then the
   unconditional network called with sigma).
   """
   c = config.diffusion
+
+  def data_and_noise(x0, k_noise, view):
+    # Pro-DDPM Sec. 3.1: noise drawn at full resolution, then the clean image and the noise
+    # (hence x_t and the target, both linear in them) are mapped to the stage resolution.
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    return (x0, noise) if view is None else (view(x0), view(noise))
+
   if c.type == "discrete":
-    def objective(denoise_fn, x0, key):
+    def objective(denoise_fn, x0, key, view=None):
       k_t, k_noise = jax.random.split(key)
       t = sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps)
-      return training_losses(diffusion, denoise_fn, x0, t,
-                             jax.random.normal(k_noise, x0.shape, x0.dtype),
+      x0, noise = data_and_noise(x0, k_noise, view)
+      return training_losses(diffusion, denoise_fn, x0, t, noise,
                              loss_type=config.loss.type, vlb_weight=config.loss.vlb_weight)
   elif c.type == "continuous":
     gamma_fn = schedules.parse_gamma(c.gamma)
 
-    def objective(denoise_fn, x0, key):
+    def objective(denoise_fn, x0, key, view=None):
       k_t, k_noise = jax.random.split(key)
       t = jax.random.uniform(k_t, (x0.shape[0],))
-      return continuous_losses(gamma_fn, denoise_fn, x0, t,
-                               jax.random.normal(k_noise, x0.shape, x0.dtype),
+      x0, noise = data_and_noise(x0, k_noise, view)
+      return continuous_losses(gamma_fn, denoise_fn, x0, t, noise,
                                model_output=c.model_output, input_scale=c.input_scale,
                                time_input=c.time_input)
   elif c.type == "ncsn":

@@ -39,9 +39,10 @@ def make_optimizer(optim_config) -> tuple[optax.GradientTransformation, optax.Sc
   return opt, schedule
 
 
-def dummy_inputs(config, batch: int = 1) -> dict:
-  """Inputs with the right shapes to initialise the model for `config`."""
-  r, ch = config.data.resolution, config.data.channels
+def dummy_inputs(config, batch: int = 1, resolution: int | None = None) -> dict:
+  """Inputs with the right shapes to initialise the model for `config` (at `resolution`, a
+  progressive growth stage's, when given)."""
+  r, ch = resolution or config.data.resolution, config.data.channels
   kwargs = {"x": jnp.zeros((batch, r, r, ch), jnp.float32), "t": jnp.zeros((batch,), jnp.float32)}
   if config.model.class_conditional:
     kwargs["y"] = jnp.zeros((batch,), jnp.int32)
@@ -51,8 +52,9 @@ def dummy_inputs(config, batch: int = 1) -> dict:
   return kwargs
 
 
-def init_state(model, optimizer: optax.GradientTransformation, config, key) -> TrainState:
-  params = model.init({"params": key}, **dummy_inputs(config))["params"]
+def init_state(model, optimizer: optax.GradientTransformation, config, key,
+               resolution: int | None = None) -> TrainState:
+  params = model.init({"params": key}, **dummy_inputs(config, resolution=resolution))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
                     opt_state=optimizer.init(params))

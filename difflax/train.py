@@ -29,6 +29,7 @@ from difflax import checkpoint as ckpt_lib
 from difflax import config as config_lib
 from difflax import data as data_lib
 from difflax import diffusion as diff_lib
+from difflax import growth
 from difflax import images as images_lib
 from difflax import losses
 from difflax import models
@@ -59,6 +60,12 @@ class Setup:
   shardings: Any
   checkpointer: ckpt_lib.Checkpointer
   keys: dict
+  growth_state: growth.GrowthState = growth.GrowthState()
+
+  @property
+  def resolution(self) -> int:
+    """The model's input resolution (a progressive growth stage's, else data.resolution)."""
+    return growth.resolution(self.config, self.growth_state)
 
   @functools.cached_property
   def best_checkpointer(self) -> ckpt_lib.Checkpointer:
@@ -69,20 +76,30 @@ class Setup:
   def batch_sharding(self) -> NamedSharding:
     return parallel.batch_sharding(self.mesh)
 
-  def meta(self, state) -> dict:
+  def meta(self, state, extra: Optional[dict] = None) -> dict:
     meta = {"step": int(jax.device_get(state.step)),
             "param_shapes": ckpt_lib.param_shapes(self.abstract_state.params),
             "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution,
-            "diffusion": self.config.diffusion.to_dict()}
+            "diffusion": self.config.diffusion.to_dict(), **(extra or {})}
+    if growth.enabled(self.config):
+      meta.update(growth=self.growth_state.to_meta(), resolution=self.resolution)
     if self.ncsn is not None:
       meta["ncsn"] = {k: np.asarray(v).tolist() for k, v in self.ncsn.items()}
     return meta
 
 
-def setup(config, workdir: str) -> Setup:
-  """Everything but data and allocated state; cheap (shapes only)."""
+def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = None,
+          checkpointer: Optional[ckpt_lib.Checkpointer] = None) -> Setup:
+  """Everything but data and allocated state; cheap (shapes only). With progressive growth and no
+  `growth_state`, the latest checkpoint's growth stage decides the architecture (so a resumed run
+  rebuilds the network it saved)."""
+  checkpointer = checkpointer or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                       keep=config.train.keep_checkpoints)
+  if growth_state is None:
+    meta = checkpointer.read_meta() if growth.enabled(config) else None
+    growth_state = growth.GrowthState.from_meta((meta or {}).get("growth"))
   mesh = parallel.make_mesh(config.mesh)
-  model = models.build_model(config)
+  model = models.build_model(config, growth_state)
   ncsn = diffusion = None
   if config.diffusion.type == "ncsn":
     ncsn = noise_scales.from_config(config)
@@ -96,13 +113,12 @@ def setup(config, workdir: str) -> Setup:
   optimizer, lr_schedule = state_lib.make_optimizer(config.optim)
   base = jax.random.key(config.seed)
   keys = dict(zip(("init", "step", "preview", "eval"), jax.random.split(base, 4)))
-  init_fn = functools.partial(state_lib.init_state, model, optimizer, config)
+  init_fn = functools.partial(state_lib.init_state, model, optimizer, config,
+                              resolution=growth.resolution(config, growth_state))
   abstract = jax.eval_shape(init_fn, keys["init"])
   shardings = parallel.state_shardings(abstract, mesh, config.mesh)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       keep=config.train.keep_checkpoints)
   return Setup(config, workdir, mesh, model, diffusion, ncsn, objective, optimizer, lr_schedule,
-               init_fn, abstract, shardings, checkpointer, keys)
+               init_fn, abstract, shardings, checkpointer, keys, growth_state)
 
 
 def restore_or_init(s: Setup):
@@ -163,7 +179,7 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
     d = diff_lib.from_config(c.diffusion, respacing=respacing)
   model_apply = models.make_apply(s.model, c)
   num_classes = c.data.num_classes if c.model.class_conditional else 0
-  shape_hw = (c.data.resolution, c.data.resolution, c.data.channels)
+  shape_hw = (s.resolution, s.resolution, c.data.channels)
   sharding = s.batch_sharding
 
   def sample_fn(params, key, labels, cond):
@@ -192,15 +208,21 @@ def make_sample_fn(s: Setup, method: str, respacing: Any, eta: float = 0.0,
                  out_shardings=sharding)
 
 
-def ground_truth_condition(s: Setup, num: int, key) -> Optional[dict]:
-  """For an SR stage outside a pipeline (previews, evals): its conditioning built from `num`
-  eval-split examples (box-downsampled, augmented as at sampling). None for other models."""
+def model_conditions(s: Setup, num: int, key, step: Optional[int] = None) -> Optional[dict]:
+  """Per-sample model inputs for sampling outside a cascade pipeline (previews, evals), or None:
+  an SR stage's conditioning built from `num` eval-split examples (box-downsampled, augmented as
+  at sampling), and a fading growth stage's fade weight at `step`."""
   c = s.config
-  if not c.data.low_res:
-    return None
-  images = data_lib.sample_array(c.data, num, c.seed, c.data.eval_split)
-  low = data_lib.box_downsample(images, c.data.low_res)
-  return jax.device_get(cascade.sampling_condition(key, jnp.asarray(low), c.cond))
+  cond = {}
+  if c.data.low_res:
+    images = data_lib.sample_array(c.data, num, c.seed, c.data.eval_split)
+    low = data_lib.box_downsample(images, c.data.low_res)
+    cond.update(jax.device_get(cascade.sampling_condition(key, jnp.asarray(low), c.cond)))
+  if s.growth_state.fading:
+    lam = growth.current_fade(c, s.growth_state, s.growth_state.stage_start if step is None
+                              else step)
+    cond["fade_weight"] = np.full((num,), float(lam), np.float32)
+  return cond or None
 
 
 def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
@@ -233,6 +255,11 @@ def generate(s: Setup, sample_fn, params, key, num: int, batch_size: int,
     x = sample_fn(params, jax.random.fold_in(key, i), jax.device_put(labels, s.batch_sharding),
                   batch_cond)
     x = parallel.to_host(x)
+    if as_uint8 and x.shape[1] < s.config.data.resolution:
+      # A progressive growth stage samples at its resolution; images are shown (and evaluated)
+      # at the final size, nearest-upsampled.
+      f = s.config.data.resolution // x.shape[1]
+      x = np.repeat(np.repeat(x, f, 1), f, 2)
     out.append(images_lib.to_uint8(x) if as_uint8 else np.asarray(x, np.float32))
     labs.append(labels)
     done += 1
@@ -287,10 +314,16 @@ def make_bpd_fn(s: Setup):
   conditional = s.config.model.class_conditional
   model_apply = models.make_apply(s.model, s.config)
 
+  view = growth.stage_view(s.config, s.growth_state)
+
   def bpd_fn(params, x0, labels, key, low_res):
+    x0 = growth.apply_view(view, x0)  # A growth stage's likelihood is at its resolution.
     cond = {}
+    if s.growth_state.fading:  # Mid-fade evals measure the network at its fade-in start.
+      cond["fade_weight"] = growth.current_fade(s.config, s.growth_state,
+                                                s.growth_state.stage_start)
     if low_res is not None:  # SR stage: conditioned as at sampling (cond.sample_level).
-          cond = cascade.sampling_condition(jax.random.fold_in(key, 1), low_res, s.config.cond)
+      cond.update(cascade.sampling_condition(jax.random.fold_in(key, 1), low_res, s.config.cond))
 
     def denoise(x, t):
       x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
@@ -385,15 +418,16 @@ class Evaluator:
     self.spaces = feature_spaces(c)
     if self.spaces:
       self.sample_fn = make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
-      self.cond = ground_truth_condition(s, c.eval.num_samples, s.keys["eval"])
+      self.cond_key = s.keys["eval"]
 
   def __call__(self, params, step: int) -> dict:
     c, result = self.s.config, {"step": step}
     if self.bpd_fn is not None:
       result.update(eval_bpd(self.s, params, self.bpd_fn, step))
     if self.spaces:
+      cond = model_conditions(self.s, c.eval.num_samples, self.cond_key, step)
       imgs, _ = generate(self.s, self.sample_fn, params, self.s.keys["eval"], c.eval.num_samples,
-                         c.sample.batch_size, cond=self.cond)
+                         c.sample.batch_size, cond=cond)
       for space in self.spaces:
         result.update(space.metrics(imgs, c.eval.precision_recall_k))
       result.update(num_samples=int(len(imgs)),
@@ -528,73 +562,115 @@ def train(config, workdir: str) -> dict:
   # ---- Input
   it = data_lib.make_iterator(c.data, s.mesh, seed=c.seed, start_step=start)
   batch = next(it)
-  # ---- Update step, compiled once ahead of time so its cost is reported separately.
   batch_shardings = jax.tree_util.tree_map(lambda _: s.batch_sharding, batch)
-  step_fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
-                                     s.keys["step"])
-  t0 = time.perf_counter()
-  train_step = jax.jit(step_fn, in_shardings=(s.shardings, batch_shardings),
-                       out_shardings=(s.shardings, parallel.replicated(s.mesh)),
-                       donate_argnums=(0,)).lower(state, batch).compile()
-  compile_secs = time.perf_counter() - t0
-  logging.info("Compiled the train step in %.1fs", compile_secs)
-  preview_fn = (make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
-                if c.train.preview_every else None)
-  preview_cond = (ground_truth_condition(s, c.train.preview_num, s.keys["preview"])
-                  if c.train.preview_every else None)
-  evaluator = Evaluator(s) if c.train.eval_every else None
   report = periodic_actions.ReportProgress(num_train_steps=c.train.num_steps, writer=writer,
                                            every_secs=30.0)
-  # ---- Loop
-  pending, window_start, last = [], time.perf_counter(), {}
+  meta = s.checkpointer.read_meta() if restored else None
+  saved = (meta or {}).get("plateau") or {}
+  plateau = growth.PlateauTracker(c.growth.plateau_patience, saved.get("best", float("inf")),
+                                  saved.get("bad", 0))
+  plateau_losses = []
+  extra_meta = lambda: ({"plateau": {"best": plateau.best, "bad": plateau.bad}}
+                        if growth.enabled(c) else {})
+  # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
+  pending, last, step, compile_secs = [], {}, start, 0.0
   with _StopOnSignal() as stop:
-    for step in range(start + 1, c.train.num_steps + 1):
-      if step > start + 1:
-        batch = next(it)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      report(step)
-      final = step == c.train.num_steps or stop.requested
-      if step % c.train.log_every == 0 or final or step % c.train.checkpoint_every == 0:
-        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-        _check_finite(means, step, workdir)
-        secs = time.perf_counter() - window_start
-        means.update(steps_per_sec=len(pending) / secs,
-                     images_per_sec=len(pending) * c.data.batch_size / secs)
-        if step == start + len(pending):
-          means["compile_secs"] = compile_secs
-        writer.write_scalars(step, means)
-        if jax.process_index() == 0:
-          with open(os.path.join(workdir, "loss_history.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "loss": means["loss"]}) + "\n")
-        last, pending, window_start = means, [], time.perf_counter()
-      if step % c.train.checkpoint_every == 0 or final:
-        s.checkpointer.save(step, state, s.meta(state))
-      if preview_fn is not None and (step % c.train.preview_every == 0 or final):
-        imgs, _ = generate(s, preview_fn, state.ema_params, s.keys["preview"],
-                           c.train.preview_num, c.train.preview_num, cond=preview_cond)
-        grid = (images_lib.make_grid(imgs) if preview_cond is None else
-                images_lib.make_pair_grid(preview_cond["low_res"], imgs))
-        if jax.process_index() == 0:
-          images_lib.save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
-        writer.write_images(step, {"samples": grid[None]})
-      if evaluator is not None and (step % c.train.eval_every == 0 or final):
-        result = evaluator(state.ema_params, step)
-        writer.write_scalars(step, {k: v for k, v in result.items()
-                                    if isinstance(v, float) and k != "step"})
-        if result["is_best"]:  # Its own directory, so keep-N deletion of old steps spares it.
-          s.best_checkpointer.save(step, state, s.meta(state))
-      if not pending:  # Checkpoints, previews and evals do not count as training time.
-        window_start = time.perf_counter()
-      if stop.requested:
-        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
-                        step)
-        break
+    while step < c.train.num_steps and not stop.requested:
+      # The update step, compiled once per architecture ahead of time so its cost is reported.
+      step_fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
+                                         s.keys["step"], s.growth_state)
+      t0 = time.perf_counter()
+      train_step = jax.jit(step_fn, in_shardings=(s.shardings, batch_shardings),
+                           out_shardings=(s.shardings, parallel.replicated(s.mesh)),
+                           donate_argnums=(0,)).lower(state, batch).compile()
+      compile_secs = time.perf_counter() - t0
+      logging.info("Compiled the train step in %.1fs (resolution %d)", compile_secs,
+                   s.resolution)
+      preview_fn = (make_sample_fn(s, c.train.preview_sampler, c.train.preview_steps)
+                    if c.train.preview_every else None)
+      evaluator = Evaluator(s) if c.train.eval_every or (
+          growth.enabled(c) and c.growth.plateau_metric == "quick_fd") else None
+      window_start, phase_start = time.perf_counter(), step
+      for step in range(phase_start + 1, c.train.num_steps + 1):
+        if step > start + 1:
+          batch = next(it)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        report(step)
+        final = step == c.train.num_steps or stop.requested
+        if step % c.train.log_every == 0 or final or step % c.train.checkpoint_every == 0:
+          means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+          _check_finite(means, step, workdir)
+          secs = time.perf_counter() - window_start
+          means.update(steps_per_sec=len(pending) / secs,
+                       images_per_sec=len(pending) * c.data.batch_size / secs)
+          if step == phase_start + len(pending):
+            means["compile_secs"] = compile_secs
+          if growth.enabled(c):
+            means["resolution"] = float(s.resolution)
+          writer.write_scalars(step, means)
+          if jax.process_index() == 0:
+            with open(os.path.join(workdir, "loss_history.jsonl"), "a") as f:
+              f.write(json.dumps({"step": step, "loss": means["loss"]}) + "\n")
+          last, pending, window_start = means, [], time.perf_counter()
+        # ---- Progressive growth: plateau trigger, then a new architecture by surgery.
+        plateaued = False
+        if growth.enabled(c) and c.growth.trigger == "plateau":
+          plateau_losses.append(metrics["loss"])
+          if step % c.growth.plateau_every == 0:
+            value = (float(np.mean(jax.device_get(plateau_losses)))
+                     if c.growth.plateau_metric == "train_loss"
+                     else evaluator(state.ema_params, step)["quick_fd"])
+            plateaued, plateau_losses = plateau.update(value), []
+        new_gs = growth.next_state(c, s.growth_state, step, plateaued) if growth.enabled(c) \
+            else s.growth_state
+        if new_gs != s.growth_state:
+          s, state = _grow(s, state, new_gs)
+          plateau.reset()
+          s.checkpointer.save(step, state, s.meta(state, extra_meta()))
+          if pending:
+            pending = []  # Metrics of the old architecture were logged or are dropped here.
+          break  # Re-jit for the new architecture.
+        if step % c.train.checkpoint_every == 0 or final:
+          s.checkpointer.save(step, state, s.meta(state, extra_meta()))
+        if preview_fn is not None and (step % c.train.preview_every == 0 or final):
+          cond = model_conditions(s, c.train.preview_num, s.keys["preview"], step)
+          imgs, _ = generate(s, preview_fn, state.ema_params, s.keys["preview"],
+                             c.train.preview_num, c.train.preview_num, cond=cond)
+          grid = (images_lib.make_pair_grid(cond["low_res"], imgs)
+                  if cond and "low_res" in cond else images_lib.make_grid(imgs))
+          if jax.process_index() == 0:
+            images_lib.save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
+          writer.write_images(step, {"samples": grid[None]})
+        if evaluator is not None and c.train.eval_every and (step % c.train.eval_every == 0
+                                                             or final):
+          result = evaluator(state.ema_params, step)
+          writer.write_scalars(step, {k: v for k, v in result.items()
+                                      if isinstance(v, float) and k != "step"})
+          if result["is_best"]:  # Its own directory, so keep-N deletion of old steps spares it.
+            s.best_checkpointer.save(step, state, s.meta(state, extra_meta()))
+        if not pending:  # Checkpoints, previews and evals do not count as training time.
+          window_start = time.perf_counter()
+        if stop.requested:
+          logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
+                          step)
+          break
   writer.flush()
   s.checkpointer.close()
   if "best_checkpointer" in s.__dict__:
     s.best_checkpointer.close()
   return {"step": int(jax.device_get(state.step)), "compile_secs": compile_secs, **last}
+
+
+def _grow(s: Setup, state, new_gs: growth.GrowthState):
+  """The next architecture's Setup and the state carried over by surgery (growth.grow_state)."""
+  logging.info("Growth at step %d: %s -> %s", int(jax.device_get(state.step)), s.growth_state,
+               new_gs)
+  new = setup(s.config, s.workdir, new_gs, checkpointer=s.checkpointer)
+  fresh = jax.jit(new.init_fn, out_shardings=new.shardings)(new.keys["init"])
+  grown, _ = growth.grow_state(jax.device_get(state), jax.device_get(fresh))
+  return new, jax.device_put(grown, new.shardings)
 
 
 # --------------------------------------------------------------------------------------- Run

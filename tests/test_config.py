@@ -91,3 +91,37 @@ def test_ncsnv2_paper_preset_holds_song_ermon_cifar10_settings():
   default = load_config("ncsnv2_cifar10", "")
   assert default.ncsn.sigma_first == 0 and default.ncsn.num_scales == 0  # From the data.
   config_lib.validate(default)
+
+
+def test_cascade_presets_hold_cdm_appendix_b_and_are_valid():
+  from difflax import cascade
+  for name in ("cascade_32_64", "cascade_16_64", "cascade_64_256"):
+    for preset in ("", "paper", "tiny"):
+      c = load_config(name, preset)
+      cascade.validate(c)
+      first = c.stages[c.cascade.order[0]]
+      assert first.data.low_res == 0
+      if preset == "":
+        assert all(st.data.name == "embedded" for st in c.stages.values())
+  c = load_config("cascade_32_64", "paper")
+  base, sr = c.stages.base, c.stages.sr_64
+  for st, blocks in ((base, 6), (sr, 5)):
+    assert (st.model.ch, tuple(st.model.ch_mult), st.model.num_res_blocks) == (256, (1, 2, 3, 4),
+                                                                                blocks)
+    assert tuple(st.model.attn_resolutions) == (8, 16) and st.model.num_heads == 4
+    assert (st.diffusion.schedule, st.diffusion.num_timesteps) == ("cosine", 4000)
+    assert st.diffusion.var_type == "learned_range" and st.model.class_conditional
+    assert st.optim.lr == 1e-4 and st.optim.ema_decay == 0.9999 and st.data.batch_size == 2048
+    assert st.model.dropout == 0.1
+  assert (base.train.num_steps, sr.train.num_steps) == (700_000, 400_000)
+  assert sr.data.low_res == 32 and sr.cond.aug == "gaussian"
+  assert cascade.stage_config(c, "sr_64").cond.num_timesteps == 4000  # The base's process.
+  c = load_config("cascade_64_256", "paper")
+  top = c.stages.sr_256
+  assert (top.model.ch, tuple(top.model.ch_mult), top.model.num_res_blocks) == (128, (
+      1, 2, 4, 4, 8, 8), 3)
+  assert top.cond.aug == "blur" and (top.cond.blur_sigma_min, top.cond.blur_sigma_max) == (0.4, 0.6)
+  assert top.cond.blur_prob == 0.5 and top.diffusion.type == "continuous"
+  assert top.diffusion.gamma.startswith("vp_linear") and top.sample.steps == "100"
+  assert top.data.batch_size == 1024 and top.model.dropout == 0.0
+  assert load_config("cascade_16_64", "s=0").stages.sr_64.cond.train_level == 0

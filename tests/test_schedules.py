@@ -108,3 +108,12 @@ def test_gamma_linear_and_registry():
   assert g(0.3) == pytest.approx(ref_sigmoid(0.3, 0, 3, 0.7))
   with pytest.raises(ValueError, match="sigmoid"):
     schedules.get_gamma("exp")
+
+
+def test_vp_linear_gamma_is_the_continuous_limit_of_linear_betas():
+  for T in (1000, 2000, 4000):
+    acp = np.cumprod(1 - schedules.linear_betas(T))
+    t = np.arange(1, T + 1) / T
+    err = np.abs(schedules.gamma_vp_linear(t) - acp).max()
+    assert err < 2.0 / T  # First-order discretisation error, halving as T doubles.
+  assert schedules.parse_gamma("vp_linear:beta_min=0.1,beta_max=20")(0.0) == 1.0

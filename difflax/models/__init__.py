@@ -15,8 +15,10 @@ MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def build_model(config):
-  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks."""
+def build_model(config, growth_state=None):
+  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks; with
+  progressive growth, the architecture of `growth_state` (default: the first stage)."""
+  from difflax import growth
   m = config.model
   if m.name not in MODELS:
     raise ValueError(f"Unknown model {m.name!r}; valid names: {sorted(MODELS)}.")
@@ -30,7 +32,9 @@ def build_model(config):
       learn_sigma=config.diffusion.var_type == "learned_range",
       out_channels=config.data.channels,
       num_classes=config.data.num_classes if m.class_conditional else 0,
-      aug_level_cond=config.cond.aug == "gaussian", dtype=DTYPES[m.dtype])
+      aug_level_cond=config.cond.aug == "gaussian", project_downsample=m.project_downsample,
+      dtype=DTYPES[m.dtype],
+      **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 
 def make_apply(model, config):
@@ -44,11 +48,13 @@ def make_apply(model, config):
   normalize = config.diffusion.type == "continuous" and config.diffusion.normalize_input
   unconditional_time = config.diffusion.type == "ncsn"
 
-  def apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None):
+  def apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None,
+            fade_weight=None):
     if normalize:
       x = x / jnp.sqrt(jnp.var(x, axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-5)
     if unconditional_time:
       t = jnp.zeros_like(t)
+    kw = {} if fade_weight is None else {"fade_weight": fade_weight}
     return model.apply({"params": params}, x, t, y=y, low_res=low_res, aug_level=aug_level,
-                       train=train, rngs=rngs)
+                       train=train, rngs=rngs, **kw)
   return apply

@@ -8,7 +8,7 @@ the attention output projection zero-initialised so each block starts as the ide
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import einops
 import flax.linen as nn
@@ -89,12 +89,14 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Stride-2 3x3 convolution: [B, H, W, C] -> [B, H/2, W/2, C]."""
+  """Stride-2 3x3 convolution: [B, H, W, C] -> [B, H/2, W/2, out_ch or C]."""
+  out_ch: Optional[int] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name="conv")(x)
+    return nn.Conv(self.out_ch or x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
+                   name="conv")(x)
 
 
 class Upsample(nn.Module):

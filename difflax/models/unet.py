@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import einops
 import jax.numpy as jnp
 
 from difflax.models import layers
@@ -67,9 +68,10 @@ class UpLevel(nn.Module):
           h, emb, train)
       if self.use_attn:
         h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
+    pre = h
     if self.upsample:
       h = layers.Upsample(dtype=self.dtype, name="upsample")(h)
-    return h
+    return pre, h
 
 
 class UNet(nn.Module):
@@ -86,14 +88,28 @@ class UNet(nn.Module):
   out_channels: Optional[int] = None
   num_classes: int = 0
   aug_level_cond: bool = False
+  # Progressive growth (Pro-DDPM): the `skip_levels` outermost levels of the full network are not
+  # grown yet (x is at the full resolution / 2^skip_levels); with `fade` the outermost active
+  # level is being faded in over the previous network's input / output convolutions.
+  skip_levels: int = 0
+  fade: bool = False
+  # Downsamples project to the next level's channels, so a grown level feeds the next level what
+  # its input convolution used to (needed by growth; off for the DDPM architecture).
+  project_downsample: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, t, y=None, low_res=None, aug_level=None, train: bool = False):
+  def __call__(self, x, t, y=None, low_res=None, aug_level=None, train: bool = False,
+               fade_weight=None):
     batch, res, _, channels = x.shape
-    if res % 2 ** (len(self.ch_mult) - 1):
-      raise ValueError(f"Resolution {res} is not divisible by 2^{len(self.ch_mult) - 1} "
+    levels = len(self.ch_mult)
+    active = range(self.skip_levels, levels)
+    full_res = res * 2 ** self.skip_levels
+    if full_res % 2 ** (levels - 1):
+      raise ValueError(f"Resolution {full_res} is not divisible by 2^{levels - 1} "
                        f"(ch_mult={tuple(self.ch_mult)}): pick a resolution or fewer levels.")
+    if self.fade and (self.skip_levels >= levels - 1 or not self.project_downsample):
+      raise ValueError("fade needs a previous (inner) level and project_downsample=True.")
     out_ch = self.out_channels or channels
     emb_dim = 4 * self.ch
     emb = layers.timestep_embedding(jnp.broadcast_to(t, (batch,)), self.ch)
@@ -116,21 +132,38 @@ class UNet(nn.Module):
                         num_groups=self.num_groups)
     attn_kwargs = dict(num_heads=self.num_heads, head_channels=self.head_channels,
                        num_groups=self.num_groups)
-    resolutions = [res // 2 ** i for i in range(len(self.ch_mult))]
+    resolutions = [full_res // 2 ** i for i in range(levels)]
+    top = self.skip_levels
+    lam = None
+    if self.fade:
+      lam = jnp.asarray(1.0 if fade_weight is None else fade_weight, self.dtype)
+      if lam.ndim == 1:  # Per example (sampling passes it with the batch).
+        lam = lam[:, None, None, None]
 
-    h = nn.Conv(self.ch * self.ch_mult[0], (3, 3), dtype=self.dtype, name=f"in_{res}")(
-        x.astype(self.dtype))
+    def in_conv(i, inp):
+      return nn.Conv(self.ch * self.ch_mult[i], (3, 3), dtype=self.dtype,
+                     name=f"in_{resolutions[i]}")(inp.astype(self.dtype))
+
+    h = in_conv(top, x)
     skips = [h]
-    for i, (mult, r) in enumerate(zip(self.ch_mult, resolutions)):
-      h, level_skips = DownLevel(self.ch * mult, self.num_res_blocks, r in self.attn_resolutions,
-                                 downsample=False, block_kwargs=block_kwargs,
-                                 attn_kwargs=attn_kwargs, dtype=self.dtype, name=f"down_{r}")(
-                                     h, emb, train)
+    for i in active:
+      r = resolutions[i]
+      h, level_skips = DownLevel(self.ch * self.ch_mult[i], self.num_res_blocks,
+                                 r in self.attn_resolutions, downsample=False,
+                                 block_kwargs=block_kwargs, attn_kwargs=attn_kwargs,
+                                 dtype=self.dtype, name=f"down_{r}")(h, emb, train)
       skips += level_skips
-      if i < len(self.ch_mult) - 1:
+      if i < levels - 1:
         # The downsample's output is the skip of the next level's resolution; it belongs to the
         # level it produces so that each level only sees skips at its own size.
-        h = layers.Downsample(dtype=self.dtype, name=f"downsample_{r}")(h)
+        out = self.ch * self.ch_mult[i + 1] if self.project_downsample else None
+        h = layers.Downsample(out, dtype=self.dtype, name=f"downsample_{r}")(h)
+        if self.fade and i == top:
+          # ProGAN-style fade-in (Pro-DDPM Sec. 3.3): blend the new level's output with the old
+          # input conv applied to the downsampled input; lambda = 0 is exactly the old network.
+          old = in_conv(top + 1, einops.reduce(x, "b (h p) (w q) c -> b h w c", "mean", p=2,
+                                               q=2))
+          h = lam * h + (1 - lam) * old
         skips.append(h)
 
     mid_ch = self.ch * self.ch_mult[-1]
@@ -138,14 +171,23 @@ class UNet(nn.Module):
     h = layers.AttentionBlock(dtype=self.dtype, name="mid_attn", **attn_kwargs)(h)
     h = layers.ResBlock(mid_ch, dtype=self.dtype, name="mid_res_1", **block_kwargs)(h, emb, train)
 
-    for i in reversed(range(len(self.ch_mult))):
+    old_out = None
+    for i in reversed(active):
       r = resolutions[i]
-      h = UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, r in self.attn_resolutions,
-                  upsample=i > 0, block_kwargs=block_kwargs, attn_kwargs=attn_kwargs,
-                  dtype=self.dtype, name=f"up_{r}")(h, skips, emb, train)
+      pre, h = UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, r in self.attn_resolutions,
+                       upsample=i > top, block_kwargs=block_kwargs, attn_kwargs=attn_kwargs,
+                       dtype=self.dtype, name=f"up_{r}")(h, skips, emb, train)
+      if self.fade and i == top + 1:
+        old_out = self._head(pre, r, out_ch)
     assert not skips, "every skip must be consumed"
+    out = self._head(h, res, out_ch)
+    if old_out is not None:
+      old_up = einops.repeat(old_out, "b h w c -> b (h p) (w q) c", p=2, q=2)
+      out = lam * out + (1 - lam) * old_up
+    return out.astype(jnp.float32)
 
-    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, f"out_norm_{res}")(h))
-    h = nn.Conv(out_ch * (2 if self.learn_sigma else 1), (3, 3), dtype=self.dtype,
-                kernel_init=nn.initializers.zeros, name=f"out_{res}")(h)
-    return h.astype(jnp.float32)
+  def _head(self, h, r, out_ch):
+    """Output norm + zero-initialised conv of the level at resolution r."""
+    h = nn.silu(layers.group_norm(h.shape[-1], self.num_groups, f"out_norm_{r}")(h))
+    return nn.Conv(out_ch * (2 if self.learn_sigma else 1), (3, 3), dtype=self.dtype,
+                   kernel_init=nn.initializers.zeros, name=f"out_{r}")(h)
