@@ -19,21 +19,28 @@ from difflax import config as config_lib
 PRESETS = ("paper", "tiny")
 
 
+def cdm_64_stage(c, num_res_blocks: int, num_steps: int):
+  """CDM Appendix B settings shared by the 32x32 base and the 32->64 SR model: ImageNet 64
+  (class-conditional, random flips), ch 256, mult 1,2,3,4, attention at 8 and 16 with 4 heads,
+  dropout 0.1, batch 2048, Adam 1e-4, EMA 0.9999, T=4000 cosine, learned variances."""
+  c.data.update(name="imagenet_resized/64x64", num_classes=1000, batch_size=2048,
+                random_flip=True)
+  c.model.update(ch=256, ch_mult=(1, 2, 3, 4), num_res_blocks=num_res_blocks,
+                 attn_resolutions=(8, 16), num_heads=4, dropout=0.1, num_groups=32,
+                 class_conditional=True, use_scale_shift_norm=True, label_dropout=0.0)
+  c.diffusion.update(schedule="cosine", num_timesteps=4000, var_type="learned_range")
+  c.loss.update(type="hybrid")
+  c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False)
+  c.train.update(num_steps=num_steps, log_every=100, checkpoint_every=10_000,
+                 preview_every=10_000, preview_num=64, preview_steps="100")
+  c.sample.update(sampler="ddpm", steps="", batch_size=256)
+
+
 def base_stage(paper: bool):
   c = config_lib.base_config()
   if paper:
-    # CDM Appendix B, "32x32 base model" (ImageNet, class-conditional, random flips).
-    c.data.update(name="imagenet_resized/64x64", resolution=32, num_classes=1000,
-                  batch_size=2048, random_flip=True)
-    c.model.update(ch=256, ch_mult=(1, 2, 3, 4), num_res_blocks=6, attn_resolutions=(8, 16),
-                   num_heads=4, dropout=0.1, num_groups=32, class_conditional=True,
-                   use_scale_shift_norm=True, label_dropout=0.0)
-    c.diffusion.update(schedule="cosine", num_timesteps=4000, var_type="learned_range")
-    c.loss.update(type="hybrid")
-    c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False)
-    c.train.update(num_steps=700_000, log_every=100, checkpoint_every=10_000,
-                   preview_every=10_000, preview_num=64, preview_steps="100")
-    c.sample.update(sampler="ddpm", steps="", batch_size=256)
+    cdm_64_stage(c, num_res_blocks=6, num_steps=700_000)  # "32x32 base model"
+    c.data.resolution = 32  # The 64x64 images resized (antialiased) by the data pipeline.
   else:
     c.data.update(resolution=32, batch_size=16)
     c.model.update(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,), num_heads=2)
@@ -46,18 +53,9 @@ def sr_stage(paper: bool, low_res: int = 32, resolution: int = 64):
   c = config_lib.base_config()
   c.cond.update(aug="gaussian", sample_mode="non_truncated")
   if paper:
-    # CDM Appendix B, "32x32 -> 64x64 super-resolution"; amortized over s (Sec. 4.3, Table 3).
-    c.data.update(name="imagenet_resized/64x64", resolution=resolution, low_res=low_res,
-                  num_classes=1000, batch_size=2048, random_flip=True)
-    c.model.update(ch=256, ch_mult=(1, 2, 3, 4), num_res_blocks=5, attn_resolutions=(8, 16),
-                   num_heads=4, dropout=0.1, num_groups=32, class_conditional=True,
-                   use_scale_shift_norm=True, label_dropout=0.0)
-    c.diffusion.update(schedule="cosine", num_timesteps=4000, var_type="learned_range")
-    c.loss.update(type="hybrid")
-    c.optim.update(lr=1e-4, warmup_steps=0, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False)
-    c.train.update(num_steps=400_000, log_every=100, checkpoint_every=10_000,
-                   preview_every=10_000, preview_num=64, preview_steps="100")
-    c.sample.update(sampler="ddpm", steps="", batch_size=256)
+    # "32x32 -> 64x64 super-resolution", amortized over s (Sec. 4.3, Table 3).
+    cdm_64_stage(c, num_res_blocks=5, num_steps=400_000)
+    c.data.update(resolution=resolution, low_res=low_res)
     # Table 3a: non-truncated s=751 ties the best FID vs train (1.48); sweep with --mode=sweep.
     c.cond.update(sample_level=751)
   else:

@@ -293,7 +293,8 @@ def sample(config, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "samples")
   t0 = time.perf_counter()
   imgs, labels = generate(s, fn, params, jax.random.key(c.seed), c.num, c.batch_size,
-                          shard_dir=os.path.join(out_dir, tag))
+                          shard_dir=os.path.join(out_dir, tag),
+                          cond=model_conditions(s, c.num, jax.random.key(c.seed), step))
   secs = time.perf_counter() - t0
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
   if jax.process_index() == 0:

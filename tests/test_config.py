@@ -125,3 +125,16 @@ def test_cascade_presets_hold_cdm_appendix_b_and_are_valid():
   assert top.diffusion.gamma.startswith("vp_linear") and top.sample.steps == "100"
   assert top.data.batch_size == 1024 and top.model.dropout == 0.0
   assert load_config("cascade_16_64", "s=0").stages.sr_64.cond.train_level == 0
+
+
+def test_progressive_presets_hold_pro_ddpm_settings():
+  c = load_config("progressive_cifar10", "paper")
+  g = c.growth
+  assert (g.fade_kind, g.fade_steps, g.fade_offset) == ("sinusoidal", 100, 0.7)
+  assert g.trigger == "plateau" and g.plateau_patience == 15
+  assert c.loss.type == "hybrid" and c.diffusion.var_type == "learned_range"
+  assert c.diffusion.num_timesteps == 1000 and tuple(g.resolutions) == (4, 8, 16, 32)
+  config_lib.validate(c)
+  for arg in ("", "tiny", "static", "fade=linear", "fade=abrupt,forward=stage_res"):
+    config_lib.validate(load_config("progressive_cifar10", arg))
+  assert load_config("progressive_cifar10", "fade=linear").growth.fade_kind == "linear"

@@ -150,3 +150,52 @@ def test_cli_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_p
   assert [p for p, _ in flat_w] == [p for p, _ in flat_g]
   for (p, a), (_, b) in zip(flat_w, flat_g):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
+
+
+def test_schedule_budget_plateau_and_fade_boundaries():
+  c = load_config("progressive_cifar10", "")  # 8 -> 16 -> 32, 400 steps per stage, fade 100.
+  gs = growth.GrowthState()
+  assert growth.next_state(c, gs, 399) == gs
+  gs = growth.next_state(c, gs, 400)
+  assert gs == growth.GrowthState(stage=1, stage_start=400, fading=True)
+  assert growth.next_state(c, gs, 499) == gs
+  gs = growth.next_state(c, gs, 500)
+  assert gs == growth.GrowthState(stage=1, stage_start=400, fading=False)
+  assert growth.next_state(c, gs, 800).stage == 2
+  last = growth.GrowthState(stage=2, stage_start=800)
+  assert growth.next_state(c, last, 10_000) == last  # The last stage never grows.
+  c.growth.update(trigger="plateau", min_stage_steps=50)
+  assert growth.next_state(c, growth.GrowthState(), 10, plateaued=True).stage == 0
+  assert growth.next_state(c, growth.GrowthState(), 60, plateaued=True).stage == 1
+  c.growth.fade_kind = "abrupt"
+  assert not growth.next_state(c, growth.GrowthState(), 60, plateaued=True).fading
+  tracker = growth.PlateauTracker(patience=3)
+  assert [tracker.update(v) for v in (5, 4, 4.5, 4.2, 4.1)] == [False, False, False, False, True]
+  assert growth.resolution(c, growth.GrowthState(stage=1)) == 16
+  assert growth.model_kwargs(c, growth.GrowthState(stage=0)) == {"skip_levels": 2, "fade": False}
+
+
+def test_forward_process_views_and_config_errors():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  np.testing.assert_array_equal(growth.apply_view(("subsample", 2), x)[0, :, :, 0],
+                                [[5, 7], [13, 15]])
+  np.testing.assert_array_equal(growth.apply_view(("average", 2), x)[0, :, :, 0],
+                                [[2.5, 4.5], [10.5, 12.5]])
+  # Sub-sampled i.i.d. unit noise stays i.i.d. unit noise: the stage sees a valid DDPM.
+  z = growth.apply_view(("subsample", 4), jax.random.normal(jax.random.key(0), (64, 32, 32, 1)))
+  assert abs(float(z.std()) - 1) < 0.02
+  c = load_config("progressive_cifar10", "")
+  for field, value, match in (("resolutions", (8, 32), "doubling"),
+                              ("resolutions", (8, 16), "ends at 16"),
+                              ("fade_kind", "cubic", "fade_kind"),
+                              ("forward", "half_res", "forward")):
+    bad = load_config("progressive_cifar10", "")
+    bad.growth[field] = value
+    with pytest.raises(ValueError, match=match):
+      growth.validate(bad)
+  bad = load_config("progressive_cifar10", "")
+  bad.model.project_downsample = False
+  with pytest.raises(ValueError, match="project_downsample"):
+    growth.validate(bad)
+  static = load_config("progressive_cifar10", "static")
+  assert not growth.enabled(static) and static.model.project_downsample
