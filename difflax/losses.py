@@ -133,10 +133,11 @@ def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
                                model_output=c.model_output, input_scale=c.input_scale,
                                time_input=c.time_input)
   elif c.type == "ncsn":
-    def objective(denoise_fn, x0, key):
+    def objective(denoise_fn, x0, key, view=None):
       k_s, k_noise = jax.random.split(key)
       sigma = sigmas[jax.random.randint(k_s, (x0.shape[0],), 0, sigmas.shape[0])]
-      return dsm_loss(denoise_fn, x0, sigma, jax.random.normal(k_noise, x0.shape, x0.dtype))
+      x0, noise = data_and_noise(x0, k_noise, view)
+      return dsm_loss(denoise_fn, x0, sigma, noise)
   else:
     raise ValueError(f"Unknown config.diffusion.type {c.type!r}; valid: discrete, continuous, "
                      "ncsn.")
