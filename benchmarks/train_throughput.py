@@ -8,7 +8,6 @@ analysis, MFU against a measured fp32 matmul peak, compile seconds (cold / persi
 peak RSS and parameter count.
 """
 import json
-import time
 
 import _common
 

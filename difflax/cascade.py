@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -272,8 +272,9 @@ def _pipeline(stages: list, key, num: int, batch_size: int, levels: Optional[dic
   """Runs every stage in order -> (float outputs [num, r, r, C] per stage, the conditioning each
   SR stage saw). `levels` / `modes` override an SR stage's cond.sample_level / sample_mode;
   `base_samples` reuses stored base outputs (what makes non-truncated sweeps cheap, Sec. 3.3).
-  Stage i samples with key fold_in(key, i), so a truncated rerun of stage i - 1 retraces the
-  trajectory that produced its full sample and stops at z_s."""
+  Stage i samples with key fold_in(key, i), so a truncated rerun of stage i - 1 starts from the
+  same x_T as its full sample (and retraces it exactly when s - 1 is already a step of its
+  chain) before stopping at z_s."""
   outs, conds = [], [None]
   for i, st in enumerate(stages):
     k = jax.random.fold_in(key, i)

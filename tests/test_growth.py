@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import signal
@@ -13,7 +12,6 @@ import pytest
 from conftest import REPO, load_config
 from difflax import data as data_lib
 from difflax import growth, models, train
-from difflax.models.unet import UNet
 
 
 def test_fade_weight_follows_eq_13_linear_and_abrupt():
@@ -184,7 +182,6 @@ def test_forward_process_views_and_config_errors():
   # Sub-sampled i.i.d. unit noise stays i.i.d. unit noise: the stage sees a valid DDPM.
   z = growth.apply_view(("subsample", 4), jax.random.normal(jax.random.key(0), (64, 32, 32, 1)))
   assert abs(float(z.std()) - 1) < 0.02
-  c = load_config("progressive_cifar10", "")
   for field, value, match in (("resolutions", (8, 32), "doubling"),
                               ("resolutions", (8, 16), "ends at 16"),
                               ("fade_kind", "cubic", "fade_kind"),
