@@ -37,14 +37,24 @@ def extractor(config, features: str = "quick"):
   raise ValueError(f"Unknown features={features!r}; use 'quick' or 'inception'.")
 
 
+_REFERENCE_CACHE: dict = {}
+
+
 def reference_features(config, net, num: int, split: str | None = None,
                        batch: int = 256) -> np.ndarray:
-  """[num, D] features of `num` examples of the dataset's `split` (default: eval split)."""
+  """[num, D] features of `num` examples of the dataset's `split` (default: eval split). Cached
+  per process by network label and data settings, so evaluators rebuilt for a new architecture
+  (progressive growth phases, cascade stages at one resolution) do not recompute them."""
   from difflax import data as data_lib
   d = config.data
-  images = data_lib.sample_array(d, num, config.seed, split or d.eval_split)
-  return np.concatenate([net.features(images[lo:lo + batch])
-                         for lo in range(0, len(images), batch)])
+  split = split or d.eval_split
+  key = (net.label, d.name, d.resolution, d.folder, d.data_dir, d.num_examples, split, num,
+         config.seed)
+  if key not in _REFERENCE_CACHE:
+    images = data_lib.sample_array(d, num, config.seed, split)
+    _REFERENCE_CACHE[key] = np.concatenate([net.features(images[lo:lo + batch])
+                                            for lo in range(0, len(images), batch)])
+  return _REFERENCE_CACHE[key]
 
 
 def dataset_stats(config, features: str = "quick", split: str | None = None,
