@@ -47,14 +47,14 @@ def reference_config(args):
 
 
 def train_step_setup(args):
-  """(setup, state, jitted sharded train step with donated state, a random batch) for the
+  """(experiment, state, jitted sharded train step with donated state, a random batch) for the
   reference config: the same step `difflax.train` runs."""
   import jax
   import numpy as np
-  from difflax import parallel, step as step_lib, train
+  from difflax import experiment, parallel, step as step_lib
   c = reference_config(args)
-  s = train.setup(c, "/tmp/difflax_bench_unused")
-  state = jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"])
+  s = experiment.setup(c, "/tmp/difflax_bench_unused")
+  state = experiment.init_state(s)
   fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
                                 s.keys["step"])
   r, b = c.data.resolution, c.data.batch_size

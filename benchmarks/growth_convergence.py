@@ -24,18 +24,17 @@ sys.path.insert(0, REPO)
 
 
 def load(arg: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "progressive", os.path.join(REPO, "configs", "progressive_cifar10.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from difflax import config as config_lib
+  c = config_lib.load(f"progressive_cifar10:{arg}")
+  c.unlock()
+  return c
 
 
 def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: str) -> list:
   import jax
   from absl import logging
-  from difflax import train
+  from difflax import experiment, train
+  from difflax.evaluation import evaluator as evaluator_lib
   logging.set_verbosity(logging.WARNING)
   c = load(arg)
   c.train.update(preview_every=0, checkpoint_every=chunk, num_steps=10**6)
@@ -46,10 +45,10 @@ def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: s
     t0 = time.perf_counter()
     step = train.run(c, workdir)["step"]
     spent += time.perf_counter() - t0
-    s = train.setup(c, workdir)
-    state, _ = train.restore_or_init(s)
-    if evaluator is None or evaluator.s.growth_state != s.growth_state:
-      evaluator = train.Evaluator(s)
+    s = experiment.setup(c, workdir)
+    state, _ = experiment.restore_or_init(s)
+    if evaluator is None or evaluator.exp.growth_state != s.growth_state:
+      evaluator = evaluator_lib.Evaluator(s)
     result = evaluator(jax.device_get(state.ema_params), step)
     s.checkpointer.close()
     rows.append({"seconds": round(spent, 1), "step": step, "resolution": s.resolution,

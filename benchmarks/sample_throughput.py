@@ -21,17 +21,18 @@ def main():
   args.warmup = 1
   import jax
   import numpy as np
-  from difflax import train
+  from difflax import experiment, sampling
   c = _common.reference_config(args)
-  s = train.setup(c, "/tmp/difflax_bench_unused")
-  state = jax.jit(s.init_fn, out_shardings=s.shardings)(s.keys["init"])
-  fn = train.make_sample_fn(s, args.sampler, f"ddim{args.sample_steps}")
+  s = experiment.setup(c, "/tmp/difflax_bench_unused")
+  state = experiment.init_state(s)
+  fn = sampling.make_sample_fn(s, args.sampler, f"ddim{args.sample_steps}")
   labels = jax.device_put(np.zeros((c.data.batch_size,), np.int32), s.batch_sharding)
   key = jax.random.key(0)
   compiled, compile_times = _common.compile_cold_and_cached(
-      lambda: fn.lower(state.params, key, labels), args.cache_dir)
+      lambda: fn.lower(state.params, key, labels, {}), args.cache_dir)
   times = _common.time_calls(
-      lambda: compiled(state.params, key, labels).block_until_ready(), args.warmup, args.steps)
+      lambda: compiled(state.params, key, labels, {}).block_until_ready(), args.warmup,
+      args.steps)
   chain_s = _common.median(times)
   flops = _common.cost_flops(compiled)  # XLA counts the scan body once: FLOPs of one forward.
   forward_s = chain_s / args.sample_steps
@@ -39,7 +40,7 @@ def main():
   print(json.dumps({
       "benchmark": "sample_throughput", "sampler": args.sampler,
       "sample_steps": args.sample_steps, "backend": jax.default_backend(),
-      "devices": jax.device_count(), "params": train.num_params(state.params),
+      "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "batch_size": c.data.batch_size, "dtype": args.dtype,
       "chain_seconds_median": chain_s, "images_per_sec": c.data.batch_size / chain_s,
       "ms_per_forward": 1e3 * forward_s, "flops_per_forward": flops,

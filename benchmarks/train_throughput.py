@@ -15,7 +15,7 @@ import _common
 def main():
   args = _common.parser(__doc__).parse_args()
   import jax
-  from difflax import train
+  from difflax import experiment
   s, state, jitted, batch = _common.train_step_setup(args)
   c = s.config
   compiled, compile_times = _common.compile_cold_and_cached(
@@ -26,7 +26,7 @@ def main():
   peak = _common.matmul_peak_flops()
   print(json.dumps({
       "benchmark": "train_throughput", "backend": jax.default_backend(),
-      "devices": jax.device_count(), "params": train.num_params(state.params),
+      "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "resolution": c.data.resolution, "batch_size": c.data.batch_size, "dtype": args.dtype,
       "step_seconds_median": step_s, "images_per_sec": c.data.batch_size / step_s,
       "flops_per_step": flops, "achieved_gflops": flops / step_s / 1e9,

@@ -1,4 +1,4 @@
-"""Cascaded diffusion (CDM, paper 001): conditioning augmentation and the multi-stage pipeline.
+"""Cascaded diffusion (CDM, paper 001): conditioning augmentation and stage configs (pure).
 
 Contract, pure functions (jit-able; `cond` is a stage config's `cond` block):
   `gaussian_blur(images: [B, H, W, C], sigma: [B], kernel_size=3) -> [B, H, W, C]`, a normalised
@@ -11,20 +11,14 @@ Contract, pure functions (jit-able; `cond` is a stage config's `cond` block):
     marginal of the previous chain's index s - 1, i.e. CDM's z_s), shared by training, the
     non-truncated sampler and the sweep.
 
-The pipeline (one train loop; stages are configs): a cascade config holds `cascade` (stage order,
-selection, pipeline / sweep settings) and `stages.<name>`, each a complete single-model config
-whose SR stages set `data.low_res` to the previous stage's resolution. `stage_config` derives
-what a stage inherits (the Gaussian augmentation's forward process = the previous stage's
-diffusion), `run(config, workdir, mode)` trains stages in order into `workdir/<stage>/` with
-`train.train` (each resumes on its own), samples the pipeline (`sample`) and sweeps the
-augmentation level s over stored base samples (`sweep`, CDM Table 3).
+Stage configs (pure): a cascade config holds `cascade` (stage order, selection, pipeline / sweep
+settings) and `stages.<name>`, each a complete single-model config whose SR stages set
+`data.low_res` to the previous stage's resolution. `stage_config` derives what a stage inherits
+(the Gaussian augmentation's forward process = the previous stage's diffusion); `validate` checks
+the chain. Training stages is the one train loop's job (`train.run`); sampling the pipeline and
+the s-sweep are `pipeline.py`'s.
 """
 from __future__ import annotations
-
-import json
-import logging
-import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +118,25 @@ def sampling_condition(key, low_res, cond, already_at_level: bool = False) -> di
 
 
 # ---------------------------------------------------------------------------- stage configs
+def cascade_config(stages: dict) -> ml_collections.ConfigDict:
+  """A cascade: `stages` maps names to complete stage configs (each from `base_config()`), in
+  pipeline order; SR stages set `data.low_res` to the previous stage's resolution."""
+  c = ml_collections.ConfigDict()
+  c.cascade = ml_collections.ConfigDict(dict(
+      order=tuple(stages),
+      stage="",             # Train / eval only this stage ("" = all, in order; each resumes).
+      num=16,               # --mode=sample: pipeline samples,
+      batch_size=16,        # per sharded batch,
+      seed=0,
+      sweep_stage="",       # --mode=sweep: the SR stage whose s is swept ("" = the first),
+      sweep_levels=(0, 50, 100, 200, 400),
+      sweep_num=64,         # samples per s (quick FD / KID vs the eval split),
+      sweep_truncated=False,  # also sweep truncated chains (reruns the base per s).
+  ))
+  c.stages = ml_collections.ConfigDict(stages)
+  return c
+
+
 def is_cascade(config) -> bool:
   return "stages" in config and "cascade" in config
 
@@ -152,8 +165,8 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
 
 def validate(config) -> None:
   """Stage chain checks, at config load: each SR stage conditions on exactly the previous stage's
-  output resolution; augmentation settings are known; stages share one dataset."""
-  from difflax import config as config_lib
+  output resolution; augmentation settings are known; stages share one dataset. (Each stage's
+  own settings are checked by `config.validate` on `stage_config`.)"""
   names = stage_names(config)
   if not names:
     raise ValueError("config.cascade.order lists no stages.")
@@ -205,201 +218,3 @@ def validate(config) -> None:
           config.stages[names[i - 1]].diffusion.type != "discrete"):
         raise ValueError(f"{where}.cond.sample_mode='truncated' stops the previous stage's "
                          "discrete chain at s; that stage is not discrete. Use non_truncated.")
-    config_lib.validate(sc)
-
-
-# ---------------------------------------------------------------------------- run
-def run(config, workdir: str, mode: str) -> dict:
-  """train: every stage (or `cascade.stage`) in order, each resuming on its own; sample: the
-  pipeline; sweep: pipeline metric vs the augmentation level s."""
-  from difflax import train
-  validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  if mode == "train":
-    train._write_json(os.path.join(workdir, "config.json"),
-                      json.loads(config.to_json_best_effort()))
-    names = [config.cascade.stage] if config.cascade.stage else stage_names(config)
-    results = {}
-    for name in names:
-      logging.info("Cascade stage %s (%d/%d)", name, stage_names(config).index(name) + 1,
-                   len(stage_names(config)))
-      results[name] = train.train(stage_config(config, name), os.path.join(workdir, name))
-    return results
-  if mode in ("eval",):
-    name = config.cascade.stage or stage_names(config)[-1]
-    return train.evaluate(stage_config(config, name), os.path.join(workdir, name))
-  if mode == "sample":
-    return sample(config, workdir)
-  if mode == "sweep":
-    return sweep(config, workdir)
-  raise ValueError(f"Unknown --mode={mode!r} for a cascade; valid: train, sample, eval, sweep.")
-
-
-class _Stage:
-  """A trained stage ready to sample: setup, EMA params, the sample fns it needs."""
-
-  def __init__(self, config, workdir: str, name: str):
-    from difflax import train
-    self.name, self.config = name, stage_config(config, name)
-    self.setup = train.setup(self.config, os.path.join(workdir, name))
-    if self.setup.checkpointer.latest_step() is None:
-      raise FileNotFoundError(
-          f"Cascade stage {name!r} has no checkpoint in {self.setup.checkpointer.directory}: "
-          f"train it first (--mode=train, or --config.cascade.stage={name}).")
-    state, _ = train.restore_or_init(self.setup)
-    self.step = int(jax.device_get(state.step))
-    self.params = state.ema_params if self.config.sample.use_ema else state.params
-    self._fns: dict = {}
-
-  def sample_fn(self, truncate_level: int = 0):
-    from difflax import train
-    if truncate_level not in self._fns:
-      c = self.config.sample
-      self._fns[truncate_level] = train.make_sample_fn(
-          self.setup, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised,
-          truncate_level=truncate_level)
-    return self._fns[truncate_level]
-
-  def generate(self, key, num: int, batch_size: int, cond: Optional[dict] = None,
-               truncate_level: int = 0):
-    from difflax import train
-    return train.generate(self.setup, self.sample_fn(truncate_level), self.params, key, num,
-                          batch_size, cond=cond, as_uint8=False)
-
-
-def _pipeline(stages: list, key, num: int, batch_size: int, levels: Optional[dict] = None,
-              modes: Optional[dict] = None, base_samples: Optional[np.ndarray] = None):
-  """Runs every stage in order -> (float outputs [num, r, r, C] per stage, the conditioning each
-  SR stage saw). `levels` / `modes` override an SR stage's cond.sample_level / sample_mode;
-  `base_samples` reuses stored base outputs (what makes non-truncated sweeps cheap, Sec. 3.3).
-  Stage i samples with key fold_in(key, i), so a truncated rerun of stage i - 1 starts from the
-  same x_T as its full sample (and retraces it exactly when s - 1 is already a step of its
-  chain) before stopping at z_s."""
-  outs, conds = [], [None]
-  for i, st in enumerate(stages):
-    k = jax.random.fold_in(key, i)
-    if i == 0:
-      outs.append(st.generate(k, num, batch_size)[0] if base_samples is None else base_samples)
-      continue
-    cfg = ml_collections.ConfigDict(st.config.cond.to_dict())
-    cfg.sample_level = int((levels or {}).get(st.name, cfg.sample_level))
-    cfg.sample_mode = (modes or {}).get(st.name, cfg.sample_mode)
-    truncated = cfg.aug == "gaussian" and cfg.sample_mode == "truncated" and cfg.sample_level > 0
-    if truncated:
-      low = stages[i - 1].generate(jax.random.fold_in(key, i - 1), num, batch_size,
-                                   cond=conds[i - 1], truncate_level=cfg.sample_level)[0]
-    else:
-      low = np.clip(outs[-1], -1.0, 1.0)
-    cond = jax.device_get(sampling_condition(jax.random.fold_in(k, 7), jnp.asarray(low), cfg,
-                                             already_at_level=truncated))
-    outs.append(st.generate(k, num, batch_size, cond=cond)[0])
-    conds.append(cond)
-  return outs, conds
-
-
-def _load_stages(config, workdir: str) -> list:
-  return [_Stage(config, workdir, n) for n in stage_names(config)]
-
-
-def sample(config, workdir: str) -> dict:
-  """--mode=sample: `cascade.num` pipeline samples; writes workdir/pipeline/<tag>/final.png, one
-  <stage>.png per stage (SR stages: their conditioning next to their output) and final.npz."""
-  from difflax import images as images_lib
-  c = config.cascade
-  stages = _load_stages(config, workdir)
-  outs, conds = _pipeline(stages, jax.random.key(c.seed), c.num, c.batch_size)
-  tag = "_".join(f"{st.name}{st.step}" for st in stages) + f"_seed{c.seed}_n{c.num}"
-  for st in stages[1:]:
-    if st.config.cond.aug == "gaussian":
-      tag += f"_{st.name}-{st.config.cond.sample_mode}-s{st.config.cond.sample_level}"
-  out_dir = os.path.join(workdir, "pipeline", tag)
-  result = {"num": int(c.num), "dir": out_dir,
-            "stages": {st.name: {"step": st.step, "resolution": st.config.data.resolution}
-                       for st in stages}}
-  if jax.process_index() == 0:
-    final = images_lib.to_uint8(outs[-1])
-    result["png"] = images_lib.save_png(os.path.join(out_dir, "final.png"),
-                                        images_lib.make_grid(final))
-    np.savez(os.path.join(out_dir, "final.npz"), images=final)
-    images_lib.save_png(os.path.join(out_dir, f"{stages[0].name}.png"),
-                        images_lib.make_grid(images_lib.to_uint8(outs[0])))
-    for st, out, cond in zip(stages[1:], outs[1:], conds[1:]):
-      images_lib.save_png(os.path.join(out_dir, f"{st.name}.png"),
-                          images_lib.make_pair_grid(np.asarray(cond["low_res"]), out))
-  logging.info("Cascade samples: %s", result)
-  return result
-
-
-def sweep(config, workdir: str) -> dict:
-  """--mode=sweep: quick FD / KID of the pipeline's final samples against the eval split for each
-  s in `cascade.sweep_levels` (the first SR stage's level, or `cascade.sweep_stage`'s), from base
-  samples drawn once and stored (non-truncated, Sec. 3.3) and, with `cascade.sweep_truncated`,
-  from truncated base chains. Writes workdir/sweep/sweep.json and sweep.png (CDM Table 3)."""
-  from difflax import images as images_lib
-  from difflax.evaluation import metrics, stats
-  c = config.cascade
-  stages = _load_stages(config, workdir)
-  target = c.sweep_stage or stages[1].name if len(stages) > 1 else ""
-  if not target or target == stages[0].name:
-    raise ValueError("The s-sweep needs an SR stage (cascade.sweep_stage).")
-  if stage_config(config, target).cond.aug != "gaussian":
-    raise ValueError(f"Stage {target!r} uses cond.aug={stage_config(config, target).cond.aug!r};"
-                     " the s-sweep applies to Gaussian conditioning augmentation.")
-  out_dir = os.path.join(workdir, "sweep")
-  os.makedirs(out_dir, exist_ok=True)
-  key = jax.random.key(c.seed)
-  base_path = os.path.join(out_dir, f"base_{stages[0].name}{stages[0].step}_seed{c.seed}_"
-                           f"n{c.sweep_num}.npz")
-  if os.path.exists(base_path):
-    with np.load(base_path, allow_pickle=False) as f:
-      base = f["samples"]
-  else:
-    base = stages[0].generate(jax.random.fold_in(key, 0), c.sweep_num, c.batch_size)[0]
-    if jax.process_index() == 0:
-      np.savez(base_path + ".tmp.npz", samples=base)
-      os.replace(base_path + ".tmp.npz", base_path)
-  final_cfg = stages[-1].config
-  net = stats.extractor(final_cfg, "quick")
-  ref = stats.reference_features(final_cfg, net, final_cfg.eval.reference_examples)
-  ref_mu, ref_cov = ref.mean(0), np.cov(ref, rowvar=False)
-  modes = ["non_truncated"] + (["truncated"] if c.sweep_truncated else [])
-  rows = []
-  for mode in modes:
-    for level in c.sweep_levels:
-      outs, _ = _pipeline(stages, key, c.sweep_num, c.batch_size, levels={target: level},
-                          modes={target: mode},
-                          base_samples=base if mode == "non_truncated" else None)
-      f = net.features(images_lib.to_uint8(outs[-1]))
-      kid, kid_std = metrics.kid(f, ref, num_subsets=20, subset_size=min(len(f), len(ref)))
-      rows.append({"mode": mode, "s": int(level), "quick_fd": metrics.frechet_distance(
-          f.mean(0), np.cov(f, rowvar=False), ref_mu, ref_cov), "quick_kid": kid,
-          "quick_kid_std": kid_std})
-      logging.info("s-sweep %s", rows[-1])
-  result = {"stage": target, "num": int(c.sweep_num), "features": net.label,
-            "reference": f"{final_cfg.data.name}:{final_cfg.data.eval_split}:{len(ref)}",
-            "rows": rows, "base_samples": base_path}
-  if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
-      json.dump(result, fh, indent=2)
-    result["png"] = _plot_sweep(rows, os.path.join(out_dir, "sweep.png"), target, net.label)
-  return result
-
-
-def _plot_sweep(rows, path, stage, label):
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return None
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for mode in sorted({r["mode"] for r in rows}):
-    pts = [(r["s"], r["quick_fd"]) for r in rows if r["mode"] == mode]
-    ax.plot(*zip(*pts), marker="o", label=mode)
-  ax.set(xlabel=f"conditioning augmentation level s ({stage})", ylabel=f"FD ({label})",
-         title="Cascade quality vs s")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path

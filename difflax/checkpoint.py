@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from difflax import parallel
+from difflax import trees
 
 
 class CheckpointMismatchError(ValueError):
@@ -27,7 +27,7 @@ class CheckpointMismatchError(ValueError):
 def param_shapes(params: Any) -> dict[str, list[int]]:
   """{'down_32/res_0/conv_0/kernel': [3, 3, 32, 32], ...} for a (possibly abstract) param tree."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {parallel.path_str(p): list(getattr(x, "shape", ())) for p, x in flat}
+  return {trees.path_str(p): list(getattr(x, "shape", ())) for p, x in flat}
 
 
 def compare_shapes(saved: dict, expected: dict) -> list[str]:

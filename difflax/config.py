@@ -1,17 +1,39 @@
-"""The config schema shared by every `configs/*.py` file, preset parsing and validation.
+"""The config schema shared by every config file, presets, loading by name or path, validation.
 
 Contract: `base_config()` returns an unlocked `ml_collections.ConfigDict` holding every key the
 framework reads, with CPU-scale defaults (the embedded dataset at 16x16, a ~0.6M-parameter UNet,
-1500 steps: a few minutes on 2 cores); config files start from it, change fields, and return
-it locked (`finalize`), so an override of a key that does not exist fails with its name.
-`parse_arg("paper,steps=100")` splits a `:arg` suffix into preset names and key=value pairs.
-`validate(config)` raises `ValueError` naming the field and the fix for inconsistent settings.
+1500 steps: a few minutes on 2 cores); config files (`difflax/configs/*.py`, `get_config(arg)`)
+start from it, change fields, and return it locked (`finalize`), so no new key can appear.
+`load("cascade_32_64:tiny", overrides)` is the one loader (CLI, tests, notebooks, plots,
+benchmarks): a packaged config by name or any `get_config` file by path, a `:arg` suffix
+(`parse_arg("paper,steps=100")` -> presets and key=value pairs), then `--config.a.b=value`
+overrides parsed to the field's type, then `validate`. Every mistake a user can make here raises
+`ConfigError` (a `ValueError`) with one line naming the field and the fix: an unknown key names
+its block, the closest valid key and the block's keys; an unknown preset lists the presets.
 """
 from __future__ import annotations
 
-from typing import Any
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable
 
 import ml_collections
+
+from difflax import cascade
+from difflax import diffusion
+from difflax import growth
+from difflax import losses
+from difflax import samplers
+from difflax import schedules
+from difflax import state as state_lib
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+class ConfigError(ValueError):
+  """A config, preset or override that cannot work; the message says what to change."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,10 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="test",
       data_dir="",          # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets).
       folder="",            # Root of a folder-of-images dataset (name="folder").
+      skip_bad_images=False,  # Folder datasets: skip unreadable files (counted) instead of failing.
       num_examples=4096,    # Size of the embedded dataset.
       shuffle_buffer=10_000,
-      low_res=0,            # >0: batches also carry `low_res`, the images box-downsampled to
-                            # this resolution (cascade SR stages; set by the cascade config).
+      low_res=0,            # >0: batches also carry `low_res` (box-downsampled; cascade SR).
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -178,38 +200,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def cascade_config(stages: dict) -> ml_collections.ConfigDict:
-  """A cascade: `stages` maps names to complete stage configs (each from `base_config()`), in
-  pipeline order; SR stages set `data.low_res` to the previous stage's resolution."""
-  c = ml_collections.ConfigDict()
-  c.cascade = ml_collections.ConfigDict(dict(
-      order=tuple(stages),
-      stage="",             # Train / eval only this stage ("" = all, in order; each resumes).
-      num=16,               # --mode=sample: pipeline samples,
-      batch_size=16,        # per sharded batch,
-      seed=0,
-      sweep_stage="",       # --mode=sweep: the SR stage whose s is swept ("" = the first),
-      sweep_levels=(0, 50, 100, 200, 400),
-      sweep_num=64,         # samples per s (quick FD / KID vs the eval split),
-      sweep_truncated=False,  # also sweep truncated chains (reruns the base per s).
-  ))
-  c.stages = ml_collections.ConfigDict(stages)
-  return c
-
-
 def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   """'paper,steps=100' -> (['paper'], {'steps': '100'})."""
   presets, kv = [], {}
   for token in filter(None, (arg or "").split(",")):
-    if "=" in token:
-      k, v = token.split("=", 1)
+    k, eq, v = token.partition("=")
+    if eq:
       kv[k.strip()] = v.strip()
     else:
       presets.append(token.strip())
   return presets, kv
 
 
-# `:key=value` shorthands every config file accepts (the full key works too via --config.x.y).
+# `:key=value` shorthands every config file accepts (any field: --config.x.y=value).
 SHORTHANDS = {"num_steps": ("train", "num_steps", int), "batch": ("data", "batch_size", int),
               "resolution": ("data", "resolution", int), "dataset": ("data", "name", str)}
 
@@ -217,8 +220,8 @@ SHORTHANDS = {"num_steps": ("train", "num_steps", int), "batch": ("data", "batch
 def apply_shorthands(c: ml_collections.ConfigDict, kv: dict, config_name: str) -> None:
   for k, v in kv.items():
     if k not in SHORTHANDS:
-      raise ValueError(f"Unknown ':{k}=...' for {config_name}; valid: {sorted(SHORTHANDS)} "
-                       "(or override any field with --config.<path>=value).")
+      raise ConfigError(f"Unknown ':{k}=...' for {config_name}; valid: {sorted(SHORTHANDS)} "
+                        "(or override any field with --config.<path>=value).")
     block, field, typ = SHORTHANDS[k]
     c[block][field] = typ(v)
 
@@ -253,84 +256,178 @@ def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:
   c.cascade.update(num=8, batch_size=8, sweep_levels=(0, 10, 50), sweep_num=8)
 
 
-def load_sibling(config_file: str, name: str):
-  """The config module `name` next to `config_file` (configs are files, not a package), so one
-  config can reuse another's stage builders."""
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"difflax_configs_{name}", path)
+def check_presets(presets, known, config_name: str):
+  unknown = [p for p in presets if p not in known]
+  if unknown:
+    raise ConfigError(f"Unknown preset(s) {unknown} for {os.path.basename(config_name)}; "
+                      f"valid presets: {sorted(known)}.")
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  validate(c)
+  c.lock()
+  return c
+
+
+# ------------------------------------------------------------------------------ loading
+def packaged_names() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f[0] != "_")
+
+
+def resolve(spec: str) -> tuple[str, str]:
+  """'cascade_32_64:tiny' | 'path/to/file.py:tiny' -> (file path, arg)."""
+  name, _, arg = spec.partition(":")
+  if name.endswith(".py") or os.sep in name:
+    path = os.path.expanduser(name)
+    if not os.path.isfile(path):
+      raise ConfigError(f"No config file {name}; give a file path or one of the packaged "
+                        f"configs by name: {', '.join(packaged_names())}.")
+    return path, arg
+  path = os.path.join(CONFIG_DIR, name + ".py")
+  if not os.path.isfile(path):
+    close = difflib.get_close_matches(name, packaged_names(), n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"Unknown config {name!r}.{hint} Packaged configs: "
+                      f"{', '.join(packaged_names())} (or give a path to a .py file).")
+  return path, arg
+
+
+def load_module(path: str):
+  """Executes a config file (configs are files users copy and edit) as a module."""
+  name = "difflax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def finalize_cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  from difflax import cascade
-  cascade.validate(c)
-  c.lock()
+def load(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """The locked, validated config of `spec` ("name[:arg]" or "file.py[:arg]") with `overrides`
+  (("optim.lr", "3e-4"), ...) applied; raises ConfigError on any mistake."""
+  path, arg = resolve(spec)
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg) function.")
+  try:
+    c = module.get_config(arg)
+    for key, value in overrides:
+      override(c, key, value)
+    validate(c)
+  except ValueError as e:  # Registries' own errors (unknown sampler, gamma spec) included.
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
   return c
 
 
-def check_presets(presets, known, config_name: str):
-  unknown = [p for p in presets if p not in known]
-  if unknown:
-    raise ValueError(f"Unknown preset(s) {unknown} for {config_name}; valid: {sorted(known)}.")
+def _unknown_key(node: ml_collections.ConfigDict, key: str, where: str) -> ConfigError:
+  """Names the block, the closest valid key and the block's keys (`key` "" : a block itself)."""
+  keys = sorted(node.keys())
+  initials = lambda k: "".join(w[:1] for w in k.split("_"))  # learning_rate ~ lr
+  close = difflib.get_close_matches(key, keys, n=1) or [
+      k for k in keys if key and initials(key) in (k, initials(k))][:1]
+  hint = f" Did you mean {where}.{close[0]}?" if close else ""
+  what = f"Unknown config key {where}.{key}." if key else f"{where} is a block, not a value."
+  return ConfigError(f"{what}{hint} {where} has: {', '.join(keys)}.")
 
 
-def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  c.lock()
-  return c
+def _parse_value(raw: str, old: Any, name: str):
+  """A command-line string as the type of the field it replaces."""
+  try:
+    if isinstance(old, bool):
+      low = raw.strip().lower()
+      if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError
+      return low in ("true", "1", "yes")
+    if isinstance(old, int):
+      value = float(raw) if any(ch in raw for ch in ".eE") else int(raw)
+      if value != int(value):
+        raise ValueError
+      return int(value)
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, (tuple, list)):
+      if not raw.strip() or raw.strip() in ("()", "[]"):
+        return ()
+      value = ast.literal_eval(raw if raw.strip()[0] in "([" else f"({raw},)")
+      return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(old, str) or old is None:
+      return raw
+  except (ValueError, SyntaxError):
+    pass
+  raise ConfigError(f"--config.{name}={raw!r} is not a valid {type(old).__name__} "
+                    f"(current value {old!r}).")
 
 
+def override(c: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+  """Sets config field `dotted` ("optim.lr", "stages.sr_64.train.num_steps") from a string."""
+  node, where = c, "config"
+  *blocks, field = dotted.split(".")
+  for b in blocks:
+    if b not in node or not isinstance(node[b], ml_collections.ConfigDict):
+      raise _unknown_key(node, b, where)
+    node, where = node[b], f"{where}.{b}"
+  if field not in node:
+    raise _unknown_key(node, field, where)
+  if isinstance(node[field], ml_collections.ConfigDict):
+    raise _unknown_key(node[field], "", f"{where}.{field}")
+  value = _parse_value(raw, node[field], dotted)
+  try:
+    node[field] = value
+  except TypeError as e:
+    raise ConfigError(f"--config.{dotted}={raw!r}: {e}") from e
+
+
+# ------------------------------------------------------------------------------ validation
 def validate(c: Any) -> None:
   """Raises ValueError on settings that cannot work together, saying what to change."""
-  from difflax import diffusion, losses, samplers  # Registries only.
+  if cascade.is_cascade(c):
+    cascade.validate(c)
+    for name in cascade.stage_names(c):
+      validate(cascade.stage_config(c, name))
+    return
   if c.diffusion.var_type not in diffusion.VAR_TYPES:
-    raise ValueError(f"config.diffusion.var_type={c.diffusion.var_type!r}; valid: "
-                     f"{diffusion.VAR_TYPES}.")
+    raise ConfigError(f"config.diffusion.var_type={c.diffusion.var_type!r}; valid: "
+                      f"{diffusion.VAR_TYPES}.")
   if c.diffusion.model_output not in diffusion.MODEL_OUTPUTS:
-    raise ValueError(f"config.diffusion.model_output={c.diffusion.model_output!r}; valid: "
-                     f"{diffusion.MODEL_OUTPUTS}.")
+    raise ConfigError(f"config.diffusion.model_output={c.diffusion.model_output!r}; valid: "
+                      f"{diffusion.MODEL_OUTPUTS}.")
   if c.loss.type not in losses.LOSS_TYPES:
-    raise ValueError(f"config.loss.type={c.loss.type!r}; valid: {losses.LOSS_TYPES}.")
-  if c.diffusion.type not in ("discrete", "continuous", "ncsn"):
-    raise ValueError(f"config.diffusion.type={c.diffusion.type!r}; valid: ['continuous', "
-                     "'discrete', 'ncsn'].")
+    raise ConfigError(f"config.loss.type={c.loss.type!r}; valid: {losses.LOSS_TYPES}.")
+  if c.diffusion.type not in diffusion.PROCESS_TYPES:
+    raise ConfigError(f"config.diffusion.type={c.diffusion.type!r}; valid: "
+                      f"{diffusion.PROCESS_TYPES}.")
   if c.diffusion.type == "continuous":
-    from difflax import schedules
     schedules.parse_gamma(c.diffusion.gamma)
     if c.diffusion.inference_gamma:
       schedules.parse_gamma(c.diffusion.inference_gamma)
     if c.diffusion.var_type == "learned_range" or c.loss.type != "simple":
-      raise ValueError("Continuous-time diffusion trains with loss.type='simple' and fixed "
-                       "variances (diffusion.var_type='fixed_small').")
+      raise ConfigError("Continuous-time diffusion trains with loss.type='simple' and fixed "
+                        "variances (diffusion.var_type='fixed_small').")
   elif c.diffusion.input_scale != 1.0 or c.diffusion.normalize_input:
-    raise ValueError("diffusion.input_scale / normalize_input apply to "
-                     "diffusion.type='continuous' only.")
+    raise ConfigError("diffusion.input_scale / normalize_input apply to "
+                      "diffusion.type='continuous' only.")
   if c.diffusion.type == "ncsn" and c.model.class_conditional:
-    raise ValueError("NCSNv2 score models are unconditional here: set "
-                     "model.class_conditional=False.")
+    raise ConfigError("NCSNv2 score models are unconditional here: set "
+                      "model.class_conditional=False.")
   if c.loss.type == "simple" and c.diffusion.var_type == "learned_range":
-    raise ValueError("config.loss.type='simple' cannot learn variances; set "
-                     "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
+    raise ConfigError("config.loss.type='simple' cannot learn variances; set "
+                      "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
   for name in (c.train.preview_sampler, c.sample.sampler):
     samplers.get_sampler(name)
   levels = len(c.model.ch_mult)
   if c.data.resolution % 2 ** (levels - 1):
-    raise ValueError(f"config.data.resolution={c.data.resolution} does not fit "
-                     f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}): it must be "
-                     f"divisible by {2 ** (levels - 1)}.")
+    raise ConfigError(f"config.data.resolution={c.data.resolution} does not fit "
+                      f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}): it must be "
+                      f"divisible by {2 ** (levels - 1)}.")
   level_res = {c.data.resolution // 2 ** i for i in range(levels)}
   bad = [r for r in c.model.attn_resolutions if r not in level_res]
   if bad:
-    raise ValueError(f"config.model.attn_resolutions={tuple(c.model.attn_resolutions)} names "
-                     f"resolutions {bad} that no level has at data.resolution="
-                     f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
+    raise ConfigError(f"config.model.attn_resolutions={tuple(c.model.attn_resolutions)} names "
+                      f"resolutions {bad} that no level has at data.resolution="
+                      f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
   if c.model.class_conditional and c.data.num_classes <= 0:
-    raise ValueError("config.model.class_conditional=True needs a labelled dataset "
-                     "(config.data.num_classes > 0).")
-  from difflax import growth
+    raise ConfigError("config.model.class_conditional=True needs a labelled dataset "
+                      "(config.data.num_classes > 0).")
   growth.validate(c)
-  if c.optim.name not in ("adam", "adamw"):
-    raise ValueError(f"config.optim.name={c.optim.name!r}; valid: ['adam', 'adamw'].")
+  if c.optim.name not in state_lib.OPTIMIZERS:
+    raise ConfigError(f"config.optim.name={c.optim.name!r}; valid: "
+                      f"{sorted(state_lib.OPTIMIZERS)}.")

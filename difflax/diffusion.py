@@ -26,6 +26,9 @@ import numpy as np
 
 from difflax import schedules
 
+# The processes a config can train (`config.diffusion.type`): DDPM chains, Chen's continuous
+# gamma(t) (paper 003) and NCSNv2 score models (paper 004, noise scales in `noise_scales`).
+PROCESS_TYPES = ("discrete", "continuous", "ncsn")
 MODEL_OUTPUTS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 

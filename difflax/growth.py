@@ -32,14 +32,17 @@ import logging
 import math
 from typing import Any, Optional
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax import images
+from difflax import trees
+
 FADE_KINDS = ("sinusoidal", "linear", "abrupt")
 FORWARDS = ("full_res", "stage_res")
 TRIGGERS = ("steps", "plateau")
+PLATEAU_METRICS = ("train_loss", "quick_fd")
 
 
 def fade_weight(steps_since_growth, period: int = 100, offset: float = 0.7,
@@ -57,8 +60,7 @@ def fade_weight(steps_since_growth, period: int = 100, offset: float = 0.7,
 
 # ------------------------------------------------------------------------------ surgery
 def _flat(tree) -> dict:
-  return {jax.tree_util.keystr(p): (p, v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {trees.path_str(p): (p, v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _surgery(old, new, what: str) -> tuple[Any, dict]:
@@ -66,7 +68,7 @@ def _surgery(old, new, what: str) -> tuple[Any, dict]:
   kept, added = [], []
 
   def pick(path, new_leaf):
-    key = jax.tree_util.keystr(path)
+    key = trees.path_str(path)
     if key in old_flat:
       old_leaf = old_flat[key][1]
       if np.shape(old_leaf) != np.shape(new_leaf):
@@ -91,7 +93,7 @@ def grow_params(old_params, new_params):
 
 def _modules(keys) -> list[str]:
   """['down_16', 'in_16', ...]: the top-level modules touched, for a readable report."""
-  return sorted({k.split("'")[1] if "'" in k else k for k in keys})
+  return sorted({k.split("/")[0] for k in keys})
 
 
 def grow_state(old_state, new_state):
@@ -155,7 +157,7 @@ def apply_view(view, x):
   kind, f = view
   if kind == "subsample":
     return x[:, f // 2::f, f // 2::f]
-  return einops.reduce(x, "b (h p) (w q) c -> b h w c", "mean", p=f, q=f)
+  return images.block_average(x, f)
 
 
 def current_fade(config, gs: GrowthState, step):
@@ -232,9 +234,12 @@ def validate(config) -> None:
   if g.trigger == "steps" and len(g.stage_steps) < len(res) - 1:
     raise ValueError(f"config.growth.stage_steps={tuple(g.stage_steps)} needs a budget for each "
                      f"of the {len(res) - 1} stages before the last.")
-  if g.trigger == "plateau" and g.plateau_metric not in ("train_loss", "quick_fd"):
-    raise ValueError(f"config.growth.plateau_metric={g.plateau_metric!r}; valid: train_loss, "
-                     "quick_fd.")
+  if g.trigger == "plateau" and g.plateau_metric not in PLATEAU_METRICS:
+    raise ValueError(f"config.growth.plateau_metric={g.plateau_metric!r}; valid: "
+                     f"{PLATEAU_METRICS}.")
+  if g.trigger == "plateau" and g.plateau_metric == "quick_fd" and not config.eval.quick_fd:
+    raise ValueError("config.growth.plateau_metric='quick_fd' needs the quick FD eval: set "
+                     "config.eval.quick_fd=True or growth.plateau_metric='train_loss'.")
   if config.data.low_res:
     raise ValueError("Progressive growth and cascade SR stages cannot be combined.")
   if config.diffusion.type == "ncsn":

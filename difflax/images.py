@@ -1,21 +1,46 @@
-"""Image I/O at the framework's edges: [-1, 1] float <-> uint8, grids and PNG files.
+"""Image arrays at the framework's edges: [-1, 1] float <-> uint8, resampling, grids, PNG files.
 
-Contract: `to_uint8(x: [B, H, W, C] in [-1, 1]) -> uint8 [B, H, W, C]`; `make_grid(images, ncol)`
-tiles [B, H, W, C] uint8 into one [rows*(H+pad), ncol*(W+pad), C] image; `save_png(path, image)`
-writes it (single-channel grids as grey, small grids upscaled); `make_pair_grid(low, high)` shows
-each super-resolution sample next to its low-res input. Nothing here touches devices.
+Contract: `to_uint8(x: [B, H, W, C] in [-1, 1]) -> uint8 [B, H, W, C]`;
+`block_average(x: [B, H, W, C], factor) -> [B, H/f, W/f, C]` (f x f box means, how low-resolution
+variants of a dataset are made) and `nearest_upsample(x, factor) -> [B, H*f, W*f, C]`, both on
+numpy or jax arrays alike (einops), the one implementation the data pipeline, growth views, the
+UNet and previews share; `make_grid(images, ncol)` tiles uint8 [B, H, W, C] into one
+[rows*(H+pad), ncol*(W+pad), C] image; `make_pair_grid(low, high)` shows each super-resolution
+sample next to its low-res input; `save_png(path, image)` writes atomically (single-channel grids
+as grey, small grids upscaled). `pyplot()` is matplotlib's pyplot on the Agg backend, or None when
+matplotlib (the `plots` extra) is not installed. Nothing here touches devices.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 
+import einops
 import numpy as np
+
+from difflax import fileio
 
 
 def to_uint8(x) -> np.ndarray:
   x = np.asarray(x, np.float32)
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def block_average(x, factor: int):
+  """[B, H, W, C] -> [B, H/f, W/f, C] means of f x f blocks (numpy or jax)."""
+  if factor == 1:
+    return x
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"Cannot average {x.shape[1]}x{x.shape[2]} images in {factor}x{factor} "
+                     "blocks: the factor must divide the image size.")
+  return einops.reduce(x, "b (h p) (w q) c -> b h w c", "mean", p=factor, q=factor)
+
+
+def nearest_upsample(x, factor: int):
+  """[B, H, W, C] -> [B, H*f, W*f, C], each pixel repeated f x f times (numpy or jax)."""
+  if factor == 1:
+    return x
+  return einops.repeat(x, "b h w c -> b (h p) (w q) c", p=factor, q=factor)
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
@@ -34,8 +59,7 @@ def make_pair_grid(low, high) -> np.ndarray:
   """low: [B, h, w, C] conditioning (float, may be noised), high: [B, H, W, C] uint8 or float
   outputs -> one grid whose cells are [low nearest-upsampled to H | high]."""
   high = high if np.asarray(high).dtype == np.uint8 else to_uint8(high)
-  f = high.shape[1] // low.shape[1]
-  up = to_uint8(np.repeat(np.repeat(np.asarray(low), f, 1), f, 2))
+  up = to_uint8(nearest_upsample(np.asarray(low), high.shape[1] // low.shape[1]))
   return make_grid(np.concatenate([up, high], axis=2))
 
 
@@ -44,10 +68,19 @@ def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
   grids of small images stay viewable."""
   from PIL import Image
   factor = max(1, -(-min_width // image.shape[1]))
-  image = image.repeat(factor, axis=0).repeat(factor, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = nearest_upsample(image[None], factor)[0]
   image = image[..., 0] if image.shape[-1] == 1 else image
-  tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
-  return path
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return fileio.atomic_write(path, buf.getvalue())
+
+
+def pyplot():
+  """matplotlib.pyplot (Agg backend) or None if matplotlib is not installed."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  return plt

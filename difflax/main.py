@@ -1,11 +1,15 @@
 """Command-line entry point: flags only.
 
-  python -m difflax.main --config=configs/ddpm_cifar10.py[:preset] --workdir=DIR \
-      [--mode=train|sample|eval|sweep] [--config.x.y=value ...]
+  python -m difflax.main --config=cascade_32_64[:preset] --workdir=DIR \
+      [--mode=train|sample|eval|sweep] [--config.block.key=value ...]
 
-The config file's `get_config(arg)` returns a locked ConfigDict, so an override of a key that does
-not exist fails with that key's name. Multi-process launches (TPU pods, SLURM, explicit
-JAX_COORDINATOR_ADDRESS) call `jax.distributed.initialize()` before anything touches devices.
+`--config` is a packaged config's name (an unknown name lists them) or a path to any
+`get_config(arg)` file (`configs/ddpm_cifar10.py` in a clone); `--config.a.b=value` overrides an
+existing field, parsed to its type. Mistakes a user makes daily (an unknown key or preset, a
+dataset that is not on disk, a checkpoint of another architecture, an unreadable image, missing
+weights) print one line saying what to do and exit with status 2, without a traceback.
+Multi-process launches (TPU pods, SLURM, explicit JAX_COORDINATOR_ADDRESS) call
+`jax.distributed.initialize()` before anything touches devices.
 """
 import os
 
@@ -13,28 +17,39 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
-                                lock_config=True)
+from difflax import checkpoint
+from difflax import cli
+from difflax import config as config_lib
+from difflax import data
+from difflax import parallel
+from difflax import train
+from difflax.evaluation import inception
+
+cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep"],
+flags.DEFINE_enum("mode", "train", list(train.MODES),
                   "What to do (sweep: a cascade's augmentation-level sweep).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto = when a multi-process cluster is detected.")
 flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",
                     "Persistent XLA compilation cache ('' disables); reruns and resumes skip "
                     "most of the compile.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+# What a user can fix without reading code: one line and exit status 2.
+USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.BadImageError,
+               checkpoint.CheckpointMismatchError, inception.WeightsNotAvailableError,
+               FileNotFoundError)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = cli.load_config()
   if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
-  from difflax import parallel
   parallel.maybe_initialize_distributed(FLAGS.distributed)
   logging.set_verbosity(logging.INFO)
   # Orbax and TF log every file they touch at INFO; keep the run's own progress readable.
@@ -42,9 +57,13 @@ def main(argv):
       s in r.pathname for s in ("/orbax/", "/tensorflow", "/jax/_src/"))
   for handler in (logging.get_absl_handler(), logging.get_absl_handler().python_handler):
     handler.addFilter(quiet)
-  from difflax import train
-  train.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  try:
+    train.run(config, FLAGS.workdir, FLAGS.mode)
+  except USER_ERRORS as e:
+    cli.fail(" ".join(str(e).split("\n")))
+  except FloatingPointError as e:  # NaN loss or samples: the message says what was kept.
+    cli.fail(str(e), status=1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

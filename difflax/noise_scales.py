@@ -26,6 +26,8 @@ import numpy as np
 from scipy import optimize
 from scipy import stats
 
+from difflax import data as data_lib
+
 
 def initial_sigma(data, chunk_size: int = 1024) -> float:
   """Max pairwise Euclidean distance of the examples in data: [N, ...] (Technique 1)."""
@@ -128,7 +130,6 @@ def from_config(config) -> dict:
   dim = d.resolution * d.resolution * d.channels
   sigma_first = n.sigma_first
   if sigma_first <= 0:
-    from difflax import data as data_lib
     sigma_first = initial_sigma(data_lib.sample_array(d, n.stat_examples, config.seed))
   num = n.num_scales if n.num_scales > 0 else num_noise_scales(dim, sigma_first, n.sigma_last,
                                                                n.coverage)
@@ -145,9 +146,9 @@ def main(argv):
   noise design of the config: its `ncsn` fields where given, else computed from its training data
   (images in [-1, 1] as in training), plus what Techniques 2 and 4 recommend for that range."""
   import json
-  from absl import flags
+  from difflax import cli
   del argv
-  cfg = flags.FLAGS.config
+  cfg = cli.load_config()
   design = from_config(cfg)
   sigmas = design["sigmas"]
   n = cfg.ncsn
@@ -165,10 +166,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config whose data / ncsn block to use.",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from difflax import cli
+  cli.define_config_flag()
+  cli.run(main)

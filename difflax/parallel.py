@@ -3,8 +3,8 @@
 Contract: `make_mesh(config.mesh)` builds a 2-D `Mesh` with axes ("data", "fsdp"). Batches are
 sharded over both axes (`batch_sharding`); parameters, EMA parameters and optimizer state are
 replicated, or with `fsdp > 1` sharded along their largest dimension divisible by the fsdp size
-when they are at least `fsdp_min_size` elements and their path does not match
-`fsdp_exclude` (`state_shardings`). Host-local numpy batches become global arrays with
+when they are at least `fsdp_min_size` elements and their path does not match `FSDP_EXCLUDE`
+(norms, biases, label embeddings: small and read whole by every device) (`state_shardings`). Host-local numpy batches become global arrays with
 `host_to_global`. Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices,
 a GPU host or a TPU pod.
 """
@@ -17,7 +17,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from difflax import trees
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
@@ -52,7 +56,6 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not "
                      f"cover the {n} available devices; use data=-1 to take the rest.")
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh((data, fsdp), devices)
   except Exception:  # Non-TPU topologies without a physical layout.
     grid = np.asarray(devices).reshape(data, fsdp)
@@ -65,14 +68,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def path_str(path) -> str:
-  """'params/down_32/res_0/conv_0/kernel' for a jax key path."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
 
 
 def partition_spec(path: str, shape, fsdp_size: int, min_size: int,
@@ -94,7 +89,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_config) -> Any:
 
   def rule(path, leaf):
     shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, partition_spec(path_str(path), shape, fsdp,
+    return NamedSharding(mesh, partition_spec(trees.path_str(path), shape, fsdp,
                                               int(mesh_config.fsdp_min_size)))
   return jax.tree_util.tree_map_with_path(rule, abstract_state)
 
@@ -109,6 +104,5 @@ def host_to_global(batch: dict, mesh: Mesh) -> dict:
 def to_host(x: Any) -> Any:
   """Fully replicated numpy copy of a (possibly multi-host sharded) pytree."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(x, tiled=True)
   return jax.device_get(x)

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["linear_betas", "cosine_betas", "space_timesteps", "respace_betas", "get_betas",
-           "BETA_SCHEDULES", "gamma_linear", "gamma_sigmoid", "gamma_cosine", "get_gamma",
-           "GAMMA_SCHEDULES"]
+           "BETA_SCHEDULES", "gamma_linear", "gamma_sigmoid", "gamma_cosine", "gamma_vp_linear",
+           "get_gamma", "parse_gamma", "GAMMA_SCHEDULES"]
 
 
 def linear_betas(num_timesteps: int, beta_start: float | None = None,

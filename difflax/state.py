@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import optax
 
 
+OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw}
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -28,12 +31,10 @@ def make_optimizer(optim_config) -> tuple[optax.GradientTransformation, optax.Sc
   """Adam / AdamW with linear warmup to a constant lr and optional global-norm clipping."""
   c = optim_config
   schedule = optax.linear_schedule(0.0, c.lr, max(int(c.warmup_steps), 1))
-  if c.name == "adam":
-    opt = optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
-  elif c.name == "adamw":
-    opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-  else:
-    raise ValueError(f"Unknown optimizer {c.name!r}; valid: ['adam', 'adamw'].")
+  if c.name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name={c.name!r}; valid: {sorted(OPTIMIZERS)}.")
+  kwargs = {"weight_decay": c.weight_decay} if c.name == "adamw" else {}
+  opt = OPTIMIZERS[c.name](schedule, b1=c.b1, b2=c.b2, eps=c.eps, **kwargs)
   if c.grad_clip and c.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
   return opt, schedule

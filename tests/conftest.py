@@ -20,12 +20,9 @@ sys.path.insert(0, REPO)
 
 
 def load_config(name: str, arg: str = "tiny"):
-  """get_config(arg) of configs/<name>.py, unlocked for the test to edit."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  """The packaged config `name:arg` (the CLI's loader), unlocked for the test to edit."""
+  from difflax import config as config_lib
+  c = config_lib.load(f"{name}:{arg}")
   c.unlock()
   return c
 

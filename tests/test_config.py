@@ -40,13 +40,8 @@ def test_bad_presets_and_shorthands_are_named():
 
 
 def test_locked_config_rejects_unknown_keys():
-  import importlib.util, os
-  from conftest import REPO
-  spec = importlib.util.spec_from_file_location("c", os.path.join(REPO, "configs",
-                                                                  "ddpm_cifar10.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
+  from difflax import config as config_lib
+  c = config_lib.load("ddpm_cifar10:tiny")
   with pytest.raises(AttributeError, match="learning_rate"):
     c.optim.learning_rate = 1.0
 

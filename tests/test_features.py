@@ -40,3 +40,32 @@ def test_feature_net_round_trips_with_its_hash(quick_net):
   assert loaded.weights_hash == net.weights_hash and loaded.label.startswith("quick:")
   imgs, _ = data.embedded_dataset(16, 16)
   np.testing.assert_allclose(loaded.features(imgs), net.features(imgs), rtol=1e-5, atol=1e-6)
+
+
+def test_quick_fd_known_answers(quick_net):
+  """FD of a set against itself is 0; a colour shift of the same images moves it away, and more
+  for a larger shift."""
+  net, _, _ = quick_net
+  x, _ = data.embedded_dataset(512, 16, split="test")
+  x = x.astype(np.float32) / 127.5 - 1
+  assert abs(fd(net, x, x)) < 1e-6
+  small, large = fd(net, x, np.clip(x + 0.1, -1, 1)), fd(net, x, np.clip(x + 0.4, -1, 1))
+  assert 1e-3 < small < large
+
+
+def test_weight_files_refuse_corruption(quick_net, tmp_path):
+  from difflax import fileio
+  net, path, _ = quick_net
+  params, meta = fileio.load_weights(path)
+  params["features"]["kernel"] = params["features"]["kernel"] + 1.0
+  fileio.save_weights(str(tmp_path / "edited.npz"), params, {})  # A new, consistent hash.
+  assert fileio.load_weights(str(tmp_path / "edited.npz"))[1]["weights_hash"] != net.weights_hash
+  import zipfile
+  with zipfile.ZipFile(path) as z, zipfile.ZipFile(tmp_path / "bad.npz", "w") as out:
+    for name in z.namelist():  # Same recorded hash, one array changed: refused.
+      data_bytes = z.read(name)
+      if name == "features/bias.npy":
+        data_bytes = data_bytes[:-4] + b"\x00\x00\x80\x7f"
+      out.writestr(name, data_bytes)
+  with pytest.raises(ValueError, match="recorded hash"):
+    features.load(str(tmp_path / "bad.npz"))

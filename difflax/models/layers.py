@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from difflax import images
+
 Dtype = Any
 
 
@@ -105,5 +107,5 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = einops.repeat(x, "b h w c -> b (h h2) (w w2) c", h2=2, w2=2)
+    x = images.nearest_upsample(x, 2)
     return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name="conv")(x)

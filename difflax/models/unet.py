@@ -22,9 +22,9 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import einops
 import jax.numpy as jnp
 
+from difflax import images
 from difflax.models import layers
 
 Dtype = Any
@@ -161,8 +161,7 @@ class UNet(nn.Module):
         if self.fade and i == top:
           # ProGAN-style fade-in (Pro-DDPM Sec. 3.3): blend the new level's output with the old
           # input conv applied to the downsampled input; lambda = 0 is exactly the old network.
-          old = in_conv(top + 1, einops.reduce(x, "b (h p) (w q) c -> b h w c", "mean", p=2,
-                                               q=2))
+          old = in_conv(top + 1, images.block_average(x, 2))
           h = lam * h + (1 - lam) * old
         skips.append(h)
 
@@ -182,7 +181,7 @@ class UNet(nn.Module):
     assert not skips, "every skip must be consumed"
     out = self._head(h, res, out_ch)
     if old_out is not None:
-      old_up = einops.repeat(old_out, "b h w c -> b (h p) (w q) c", p=2, q=2)
+      old_up = images.nearest_upsample(old_out, 2)
       out = lam * out + (1 - lam) * old_up
     return out.astype(jnp.float32)
 

@@ -14,6 +14,7 @@ Default (CPU, embedded dataset): base 32x32 (~0.9M params, 1200 steps) then SR 3
 (~0.3M params, 1000 steps); roughly 10 minutes for both on 2 cores. The SR stage is amortized
 over s ~ U{0..400} of the base's 1000-step forward process and samples non-truncated at s=100.
 """
+from difflax import cascade
 from difflax import config as config_lib
 
 PRESETS = ("paper", "tiny")
@@ -71,7 +72,7 @@ def get_config(arg=None):
   presets, kv = config_lib.parse_arg(arg)
   config_lib.check_presets(presets, PRESETS, __file__)
   paper = "paper" in presets
-  c = config_lib.cascade_config({"base": base_stage(paper), "sr_64": sr_stage(paper)})
+  c = cascade.cascade_config({"base": base_stage(paper), "sr_64": sr_stage(paper)})
   if paper:
     c.cascade.update(num=64, batch_size=64, sweep_levels=(0, 251, 501, 751, 1001, 1251, 1501),
                      sweep_num=10_000)
@@ -83,5 +84,5 @@ def get_config(arg=None):
     elif k == "mode":
       c.stages.sr_64.cond.sample_mode = v
     else:
-      raise ValueError(f"Unknown ':{k}=...' for {__file__}; valid: s, mode.")
-  return config_lib.finalize_cascade(c)
+      raise config_lib.ConfigError(f"Unknown ':{k}=...' for {__file__}; valid: s, mode.")
+  return config_lib.finalize(c)

@@ -12,7 +12,9 @@ Appendix B does not list this ablation's architectures; `:paper` uses the 64x64 
 diffusion settings (4000 cosine steps, learned variances, hybrid loss, class-conditional) with the
 32->64 models' UNets scaled to the resolutions.
 """
+from difflax import cascade
 from difflax import config as config_lib
+from difflax.configs import cascade_32_64 as cdm
 
 PRESETS = ("paper", "tiny")
 
@@ -21,7 +23,6 @@ def get_config(arg=None):
   presets, kv = config_lib.parse_arg(arg)
   config_lib.check_presets(presets, PRESETS, __file__)
   paper = "paper" in presets
-  cdm = config_lib.load_sibling(__file__, "cascade_32_64")
   base, sr = cdm.base_stage(paper), cdm.sr_stage(paper, low_res=16, resolution=64)
   base.data.resolution = 16
   if paper:
@@ -36,12 +37,12 @@ def get_config(arg=None):
     level = 250
   for k, v in kv.items():
     if k != "s":
-      raise ValueError(f"Unknown ':{k}=...' for {__file__}; valid: s.")
+      raise config_lib.ConfigError(f"Unknown ':{k}=...' for {__file__}; valid: s.")
     level = int(v)
   sr.cond.update(train_level=level, sample_level=level)
-  c = config_lib.cascade_config({"base": base, "sr_64": sr})
+  c = cascade.cascade_config({"base": base, "sr_64": sr})
   c.cascade.sweep_levels = (level,)
   if "tiny" in presets:
     config_lib.apply_tiny_cascade(c)
     c.stages.sr_64.cond.update(train_level=min(level, 100), sample_level=min(level, 100))
-  return config_lib.finalize_cascade(c)
+  return config_lib.finalize(c)

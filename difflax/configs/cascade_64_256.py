@@ -10,7 +10,9 @@ continuous VP schedule `vp_linear`, the network sees log-SNR) and 100 inference 
 
 Presets: paper | tiny. The CPU default keeps the structure at 16 -> 32 -> 64 on the embedded data.
 """
+from difflax import cascade
 from difflax import config as config_lib
+from difflax.configs import cascade_32_64 as cdm
 
 PRESETS = ("paper", "tiny")
 
@@ -45,9 +47,9 @@ def get_config(arg=None):
   presets, kv = config_lib.parse_arg(arg)
   config_lib.check_presets(presets, PRESETS, __file__)
   if kv:
-    raise ValueError(f"Unknown ':key=value' {sorted(kv)} for {__file__}; use --config.<path>.")
+    raise config_lib.ConfigError(f"Unknown ':key=value' {sorted(kv)} for {__file__}; use "
+                                 "--config.<path>=value.")
   paper = "paper" in presets
-  cdm = config_lib.load_sibling(__file__, "cascade_32_64")
   if paper:
     stages = {"base": cdm.base_stage(True), "sr_64": cdm.sr_stage(True),
               "sr_256": blur_stage(True, 64, 256)}
@@ -59,7 +61,7 @@ def get_config(arg=None):
     base.data.resolution = 16
     stages = {"base": base, "sr_32": cdm.sr_stage(False, low_res=16, resolution=32),
               "sr_64": blur_stage(False, 32, 64)}
-  c = config_lib.cascade_config(stages)
+  c = cascade.cascade_config(stages)
   if "tiny" in presets:
     config_lib.apply_tiny_cascade(c)
-  return config_lib.finalize_cascade(c)
+  return config_lib.finalize(c)

@@ -1,0 +1,234 @@
+"""The evaluator: the configured quality measurements of a model's EMA params at a step.
+
+Contract: `Evaluator(exp)` is built once per architecture (its functions compile once) from
+`config.eval`: bits/dim on the eval split (discrete diffusion, `eval.bpd`: the full VLB over all
+t) and, in each enabled feature space (the quick network `eval.quick_fd`, the FID Inception
+`eval.inception`), FD / KID / precision / recall of `eval.num_samples` samples drawn with the
+preview sampler. `evaluator(params, step) -> dict` returns the metrics, each feature space's
+network label (`<prefix>features`) and, per metric, the reference set it was measured against
+(`<metric>_reference`: with `eval.reference_stats` the FD uses the file, KID and precision /
+recall need features and use the eval split). It writes `workdir/eval/eval_step<N>.json` and
+keeps `workdir/eval/best.json` (first of fid, quick_fd, eval_bpd present decides; lower is
+better), setting `result["is_best"]`. Numbers go to the run's metric writer through the caller.
+`evaluate(config, workdir)` is `--mode=eval`; `plot_history(workdir)` draws the loss and every
+eval metric against the step into `workdir/eval/metrics.png`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from difflax import cascade
+from difflax import data as data_lib
+from difflax import experiment
+from difflax import fileio
+from difflax import growth
+from difflax import images as images_lib
+from difflax import losses
+from difflax import models
+from difflax import parallel
+from difflax import sampling
+from difflax import writers
+from difflax.evaluation import metrics
+from difflax.evaluation import stats
+
+BEST_KEYS = ("fid", "quick_fd", "eval_bpd")  # Lower is better; the first present decides.
+PLOTTED = ("loss", "eval_bpd", "fid", "quick_fd", "quick_kid", "precision", "recall")
+
+
+# ------------------------------------------------------------------------------ bits/dim
+def make_bpd_fn(exp: experiment.Experiment):
+  """Jitted `(params, x0: [B, H, W, C], labels: [B], key, low_res) -> {name: [B]}` bits/dim
+  over all T."""
+  c = exp.config
+  if c.diffusion.type != "discrete":
+    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; set "
+                     "config.eval.bpd=False for continuous-time and score models.")
+  model_apply = models.make_apply(exp.model, c)
+  view = growth.stage_view(c, exp.growth_state)
+  gs = exp.growth_state
+
+  def bpd_fn(params, x0, labels, key, low_res):
+    x0 = growth.apply_view(view, x0)  # A growth stage's likelihood is at its resolution.
+    cond = {}
+    if gs.fading:  # Mid-fade evals measure the network at its fade-in start.
+      cond["fade_weight"] = growth.current_fade(c, gs, gs.stage_start)
+    if low_res is not None:  # SR stage: conditioned as at sampling (cond.sample_level).
+      cond.update(cascade.sampling_condition(jax.random.fold_in(key, 1), low_res, c.cond))
+
+    def denoise(x, t):
+      x = jax.lax.with_sharding_constraint(x, exp.batch_sharding)
+      return model_apply(params, x, t, y=labels if c.model.class_conditional else None, **cond)
+    out = losses.bits_per_dim(exp.diffusion, denoise, x0, key)
+    return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
+            "decoder_bpd": out["vb"][:, 0]}
+
+  bs = exp.batch_sharding
+  return jax.jit(bpd_fn, in_shardings=(exp.shardings.params, bs, bs, None, bs))
+
+
+def eval_bpd(exp: experiment.Experiment, params, bpd_fn) -> dict:
+  c = exp.config
+  it = data_lib.make_iterator(c.data, exp.mesh, seed=c.seed, split=c.data.eval_split,
+                              batch_size=c.eval.batch_size)
+  totals = []
+  for i in range(c.eval.num_batches):
+    batch = next(it)
+    out = parallel.to_host(bpd_fn(params, batch["image"], batch["label"],
+                                  jax.random.fold_in(exp.keys["eval"], i), batch.get("low_res")))
+    totals.append(out["total_bpd"])
+  bpd = np.concatenate(totals)
+  return {"eval_bpd": float(bpd.mean()), "eval_bpd_sem": float(bpd.std() / np.sqrt(len(bpd))),
+          "eval_examples": int(len(bpd))}
+
+
+# ------------------------------------------------------------------------------ feature spaces
+@dataclasses.dataclass
+class FeatureSpace:
+  """A feature network with its reference sets; `prefix` names its metrics ("quick_", "")."""
+  prefix: str
+  net: Any
+  ref: np.ndarray    # [N, D] features of eval-split examples (KID, precision / recall).
+  ref_name: str      # What `ref` is: "dataset:split:N".
+  mu: np.ndarray     # FD reference statistics: of `ref`, or of an `eval.reference_stats` file.
+  cov: np.ndarray
+  fd_ref_name: str
+
+  def metrics(self, images: np.ndarray, k: int) -> dict:
+    f = self.net.features(images)
+    p = self.prefix
+    fd = f"{p}fd" if p else "fid"
+    kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
+                                    subset_size=min(len(f), len(self.ref), 1000))
+    precision, recall = metrics.precision_recall(self.ref, f, k=k)
+    return {fd: metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.cov),
+            f"{p}kid": kid_mean, f"{p}kid_std": kid_std, f"{p}precision": precision,
+            f"{p}recall": recall, f"{p}features": self.net.label,
+            f"{fd}_reference": self.fd_ref_name, f"{p}kid_reference": self.ref_name,
+            f"{p}precision_reference": self.ref_name, f"{p}recall_reference": self.ref_name}
+
+
+def feature_spaces(config) -> list[FeatureSpace]:
+  """The feature spaces `config.eval` asks for (quick, inception), references computed once."""
+  e, d = config.eval, config.data
+  spaces = []
+  for kind, prefix, on in (("quick", "quick_", e.quick_fd), ("inception", "", e.inception)):
+    if not on:
+      continue
+    net = stats.extractor(config, kind)
+    ref = stats.reference_features(config, net, e.reference_examples)
+    mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
+    ref_name = f"{d.name}:{d.eval_split}:{len(ref)}"
+    fd_ref_name = ref_name
+    if e.reference_stats:
+      saved = stats.load_stats(e.reference_stats)
+      if saved["features"].split(":")[0] == kind:
+        if saved["features"] != net.label:
+          raise ValueError(
+              f"{e.reference_stats} holds statistics in {saved['features']} but this eval uses "
+              f"{net.label}; recompute them with `python -m difflax.evaluation.stats "
+              f"--features={kind}` or use the matching network.")
+        mu, cov = saved["mu"], saved["sigma"]
+        fd_ref_name = f"{saved['dataset']}:{saved['num']} ({e.reference_stats})"
+    spaces.append(FeatureSpace(prefix, net, ref, ref_name, mu, cov, fd_ref_name))
+  return spaces
+
+
+# ------------------------------------------------------------------------------ evaluator
+class Evaluator:
+  """See the module docstring."""
+
+  def __init__(self, exp: experiment.Experiment):
+    c = exp.config
+    self.exp = exp
+    self.bpd_fn = make_bpd_fn(exp) if c.eval.bpd and c.diffusion.type == "discrete" else None
+    self.spaces = feature_spaces(c)
+    if self.spaces:
+      self.sample_fn = sampling.make_sample_fn(exp, c.train.preview_sampler,
+                                               c.train.preview_steps)
+
+  def __call__(self, params, step: int) -> dict:
+    c, result = self.exp.config, {"step": step}
+    if self.bpd_fn is not None:
+      result.update(eval_bpd(self.exp, params, self.bpd_fn))
+    if self.spaces:
+      key = self.exp.keys["eval"]
+      cond = sampling.model_conditions(self.exp, c.eval.num_samples, key, step)
+      imgs, _ = sampling.generate(self.exp, self.sample_fn, params, key, c.eval.num_samples,
+                                  c.sample.batch_size, cond=cond)
+      if not np.isfinite(imgs).all():
+        raise FloatingPointError(f"Eval samples at step {step} are not finite.")
+      for space in self.spaces:
+        result.update(space.metrics(imgs, c.eval.precision_recall_k))
+      result.update(num_samples=int(len(imgs)),
+                    sampler=f"{c.train.preview_sampler}{c.train.preview_steps}")
+    self._record(result)
+    return result
+
+  def _record(self, result: dict) -> None:
+    out = os.path.join(self.exp.workdir, "eval")
+    best_path = os.path.join(out, "best.json")
+    best = fileio.read_json(best_path) if os.path.exists(best_path) else None
+    key = next((k for k in BEST_KEYS if k in result), None)
+    result["is_best"] = bool(key is not None and (best is None
+                                                  or result[key] < best.get(key, np.inf)))
+    if jax.process_index() == 0:
+      fileio.write_json(os.path.join(out, f"eval_step{result['step']:06d}.json"), result)
+      if result["is_best"]:
+        fileio.write_json(best_path, result)
+
+
+def scalars(result: dict) -> dict:
+  """The numbers of an eval result, for a metric writer."""
+  return {k: v for k, v in result.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+def plot_history(workdir: str) -> str | None:
+  """workdir/eval/metrics.png: training loss and every eval metric against the step."""
+  plt = images_lib.pyplot()
+  if plt is None:
+    return None
+  series: dict = {}
+  for row in writers.history(workdir):
+    for k, v in row.items():
+      if k in PLOTTED:
+        series.setdefault(k, {})[row["step"]] = v
+  keys = [k for k in PLOTTED if k in series]
+  if not keys:
+    return None
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    steps = sorted(series[k])
+    ax.plot(steps, [series[k][t] for t in steps], marker="." if k != "loss" else None)
+    ax.set(xlabel="step", title=k)
+  fig.tight_layout()
+  path = os.path.join(workdir, "eval", "metrics.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: the configured evals of the latest checkpoint's EMA params."""
+  if config.diffusion.type != "discrete" and not (config.eval.quick_fd or config.eval.inception):
+    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; enable "
+                     "config.eval.quick_fd or config.eval.inception for continuous-time and "
+                     "score models.")
+  exp, state = experiment.restore_trained(config, workdir)
+  step = int(jax.device_get(state.step))
+  result = Evaluator(exp)(state.ema_params, step)
+  writer = writers.create(workdir)
+  writer.write_scalars(step, scalars(result))
+  writer.close()
+  if jax.process_index() == 0:
+    plot_history(workdir)
+  exp.close()
+  logging.info("Eval: %s", result)
+  return result

@@ -1,0 +1,145 @@
+"""Experiment setup: from a config to everything the loop, the sampler and the evaluator need.
+
+Contract: `setup(config, workdir, growth_state=None)` builds, without allocating any state, an
+`Experiment`: the mesh, the model of the (growth stage's) architecture, the diffusion chain or
+NCSN noise scales, the objective, the optimiser, the per-purpose base keys, the abstract state
+(`jax.eval_shape`) and its shardings, and the checkpointer of `workdir/checkpoints`. With
+progressive growth and no `growth_state`, the latest checkpoint's growth stage decides the
+architecture, so a resumed run rebuilds the network it saved. `restore_or_init(exp)` returns
+(state, restored?): the latest checkpoint restored straight into its shards, else a jitted,
+sharded init. `exp.meta(state)` is the JSON saved beside every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from difflax import checkpoint as ckpt_lib
+from difflax import diffusion as diff_lib
+from difflax import growth
+from difflax import losses
+from difflax import models
+from difflax import noise_scales
+from difflax import parallel
+from difflax import state as state_lib
+
+KEY_NAMES = ("init", "step", "preview", "eval")
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  workdir: str
+  mesh: Any
+  model: Any
+  diffusion: Optional[diff_lib.Diffusion]  # None for score models.
+  ncsn: Optional[dict]  # noise_scales.from_config for score models, else None.
+  objective: Any
+  optimizer: Any
+  lr_schedule: Any
+  init_fn: Any
+  abstract_state: Any
+  shardings: Any
+  checkpointer: ckpt_lib.Checkpointer
+  keys: dict
+  growth_state: growth.GrowthState = growth.GrowthState()
+
+  @property
+  def resolution(self) -> int:
+    """The model's input resolution (a progressive growth stage's, else data.resolution)."""
+    return growth.resolution(self.config, self.growth_state)
+
+  @functools.cached_property
+  def best_checkpointer(self) -> ckpt_lib.Checkpointer:
+    """workdir/best: the state of the best eval so far (eval/best.json says which step); its
+    own directory, so keep-N deletion in checkpoints/ never removes it."""
+    return ckpt_lib.Checkpointer(os.path.join(self.workdir, "best"), keep=1)
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return parallel.batch_sharding(self.mesh)
+
+  def meta(self, state, extra: Optional[dict] = None) -> dict:
+    meta = {"step": int(jax.device_get(state.step)),
+            "param_shapes": ckpt_lib.param_shapes(self.abstract_state.params),
+            "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution,
+            "diffusion": self.config.diffusion.to_dict(), **(extra or {})}
+    if growth.enabled(self.config):
+      meta.update(growth=self.growth_state.to_meta(), resolution=self.resolution)
+    if self.ncsn is not None:
+      meta["ncsn"] = {k: np.asarray(v).tolist() for k, v in self.ncsn.items()}
+    return meta
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    if "best_checkpointer" in self.__dict__:
+      self.best_checkpointer.close()
+
+
+def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = None,
+          checkpointer: Optional[ckpt_lib.Checkpointer] = None) -> Experiment:
+  """Everything but data and allocated state; cheap (shapes only)."""
+  checkpointer = checkpointer or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                       keep=config.train.keep_checkpoints)
+  if growth_state is None:
+    meta = checkpointer.read_meta() if growth.enabled(config) else None
+    growth_state = growth.GrowthState.from_meta((meta or {}).get("growth"))
+  mesh = parallel.make_mesh(config.mesh)
+  model = models.build_model(config, growth_state)
+  ncsn = diffusion = None
+  if config.diffusion.type == "ncsn":
+    ncsn = noise_scales.from_config(config)
+    logging.info("NCSN noise scales: sigma %.4g -> %.4g, L=%d, ratio %.5f (coverage %.3f), "
+                 "step size %.3g", ncsn["sigmas"][0], ncsn["sigmas"][-1], len(ncsn["sigmas"]),
+                 ncsn["ratio"], ncsn["coverage"], ncsn["step_size"])
+  else:
+    diffusion = diff_lib.from_config(config.diffusion)
+  objective = losses.make_objective(config, diffusion,
+                                    None if ncsn is None else jnp.asarray(ncsn["sigmas"]))
+  optimizer, lr_schedule = state_lib.make_optimizer(config.optim)
+  keys = dict(zip(KEY_NAMES, jax.random.split(jax.random.key(config.seed), len(KEY_NAMES))))
+  init_fn = functools.partial(state_lib.init_state, model, optimizer, config,
+                              resolution=growth.resolution(config, growth_state))
+  abstract = jax.eval_shape(init_fn, keys["init"])
+  shardings = parallel.state_shardings(abstract, mesh, config.mesh)
+  return Experiment(config, workdir, mesh, model, diffusion, ncsn, objective, optimizer,
+                    lr_schedule, init_fn, abstract, shardings, checkpointer, keys, growth_state)
+
+
+def init_state(exp: Experiment):
+  """A fresh state, allocated directly in its shards."""
+  return jax.jit(exp.init_fn, out_shardings=exp.shardings)(exp.keys["init"])
+
+
+def restore_or_init(exp: Experiment):
+  """(state, restored?): the latest checkpoint if any, else a fresh sharded init."""
+  if exp.checkpointer.latest_step() is not None:
+    target = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        exp.abstract_state, exp.shardings)
+    state, meta = exp.checkpointer.restore(target)
+    logging.info("Restored step %d from %s", meta["step"], exp.checkpointer.directory)
+    return state, True
+  return init_state(exp), False
+
+
+def restore_trained(config, workdir: str) -> tuple[Experiment, Any]:
+  """(experiment, state) of a trained run for sample / eval modes; says to train first if the
+  workdir has no checkpoint."""
+  exp = setup(config, workdir)
+  if exp.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {exp.checkpointer.directory}: train first with "
+                            f"--mode=train --workdir={workdir}.")
+  return exp, restore_or_init(exp)[0]
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,202 @@
+"""Sampling a trained state: jitted, mesh-sharded sample functions and resumable sample runs.
+
+Contract: `make_sample_fn(exp, method, respacing, ...)` returns a jitted
+`(params, key, labels: [B], cond: dict) -> images [B, H, W, C]` built from the pure samplers in
+`samplers.py` (no sampler math here); `generate(exp, sample_fn, params, key, num, batch_size)`
+draws `num` images in mesh-sharded batches, batch i from `fold_in(key, i)`, optionally as atomic
+per-batch shards on disk that an interrupted run reloads instead of resampling;
+`model_conditions(exp, num, key, step)` builds the per-sample inputs a model needs outside a
+cascade pipeline (an SR stage's conditioning from eval images, a fading growth stage's weight).
+`sample(config, workdir)` is `--mode=sample`: the latest checkpoint's EMA params ->
+`config.sample.num` images as a PNG grid and an `.npz` of uint8, under a tag naming everything
+that changes the images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax import cascade
+from difflax import data as data_lib
+from difflax import diffusion as diff_lib
+from difflax import experiment
+from difflax import fileio
+from difflax import growth
+from difflax import images as images_lib
+from difflax import models
+from difflax import parallel
+from difflax import samplers
+from difflax import schedules
+
+
+def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
+  """[n] labels: zeros for unconditional models, `sample.label`, or cycling through classes."""
+  k = config.data.num_classes if config.model.class_conditional else 0
+  if not k:
+    return np.zeros((n,), np.int32)
+  if config.sample.label >= 0:
+    return np.full((n,), config.sample.label, np.int32)
+  return ((np.arange(n) + offset) % k).astype(np.int32)
+
+
+def _truncated_chain(c, respacing, truncate_level: int):
+  """(chain, stop index) of a discrete chain that stops at CDM's z_s: the noise level of
+  original step s - 1, added to the respaced chain so the stop is exact (paper 001 Sec. 3.2)."""
+  if c.diffusion.type != "discrete":
+    raise ValueError("Truncated sampling stops a discrete chain; this stage is "
+                     f"diffusion.type={c.diffusion.type!r}.")
+  t_max = int(c.diffusion.num_timesteps)
+  if truncate_level > t_max:
+    raise ValueError(f"Truncation level {truncate_level} exceeds the chain's T={t_max}.")
+  kept = (set(range(t_max)) if respacing in (None, "", 0)
+          else set(schedules.space_timesteps(t_max, respacing)))
+  kept = sorted(kept | {truncate_level - 1})
+  return diff_lib.from_config(c.diffusion, respacing=kept), kept.index(truncate_level - 1)
+
+
+def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta: float = 0.0,
+                   guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0):
+  """Jitted `(params, key, labels: [B], cond: dict) -> images [B, H, W, C]`, sharded over the
+  batch axes. `cond` is {} or per-sample model inputs (`model_conditions`, a cascade stage's).
+
+  The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
+  batch over devices. Score models sample with annealed Langevin dynamics and ignore method /
+  respacing; continuous-time models return x0 = (b x0) / b. With `truncate_level` s > 0 the
+  chain stops at z_s (`_truncated_chain`).
+  """
+  c = exp.config
+  stop_at = -1
+  if exp.ncsn:
+    d = None
+  elif truncate_level > 0:
+    d, stop_at = _truncated_chain(c, respacing, truncate_level)
+  else:
+    d = diff_lib.from_config(c.diffusion, respacing=respacing)
+  model_apply = models.make_apply(exp.model, c)
+  num_classes = c.data.num_classes if c.model.class_conditional else 0
+  shape_hw = (exp.resolution, exp.resolution, c.data.channels)
+  sharding = exp.batch_sharding
+
+  def sample_fn(params, key, labels, cond):
+    def apply(x, t, y):
+      x = jax.lax.with_sharding_constraint(x, sharding)
+      # Guidance doubles the batch; the conditioning image goes with both halves.
+      reps = x.shape[0] // labels.shape[0]
+      kw = {k: jnp.concatenate([v] * reps) if reps > 1 else v for k, v in cond.items()}
+      return model_apply(params, x, t, y=y if num_classes else None, **kw)
+    shape = (labels.shape[0],) + shape_hw
+    if exp.ncsn is not None:
+      return samplers.annealed_langevin(
+          lambda x, sigma: apply(x, sigma, labels), exp.ncsn["sigmas"], shape, key,
+          step_size=exp.ncsn["step_size"], steps_per_scale=c.ncsn.steps_per_scale,
+          final_denoise=c.ncsn.final_denoise)
+    if num_classes and guidance:
+      denoise = samplers.classifier_free_guidance(apply, labels, num_classes, guidance,
+                                                  c.data.channels)
+    else:
+      denoise = lambda x, t: apply(x, t, labels)
+    x = samplers.sample(denoise, d, shape, key, method=method, eta=eta,
+                        clip_denoised=clip_denoised, stop_at=stop_at)
+    return x / c.diffusion.input_scale
+
+  return jax.jit(sample_fn, in_shardings=(exp.shardings.params, None, sharding, sharding),
+                 out_shardings=sharding)
+
+
+def model_conditions(exp: experiment.Experiment, num: int, key,
+                     step: Optional[int] = None) -> Optional[dict]:
+  """Per-sample model inputs for sampling outside a cascade pipeline (previews, evals), or None:
+  an SR stage's conditioning built from `num` eval-split examples (box-downsampled, augmented as
+  at sampling), and a fading growth stage's fade weight at `step`."""
+  c = exp.config
+  cond = {}
+  if c.data.low_res:
+    images = data_lib.sample_array(c.data, num, c.seed, c.data.eval_split)
+    low = images_lib.block_average(images, images.shape[1] // c.data.low_res)
+    cond.update(jax.device_get(cascade.sampling_condition(key, jnp.asarray(low), c.cond)))
+  if exp.growth_state.fading:
+    gs = exp.growth_state
+    lam = growth.current_fade(c, gs, gs.stage_start if step is None else step)
+    cond["fade_weight"] = np.full((num,), float(lam), np.float32)
+  return cond or None
+
+
+def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch_size: int,
+             shard_dir: Optional[str] = None, cond: Optional[dict] = None,
+             as_uint8: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """`num` uint8 images [num, H, W, C] (float32 as sampled with `as_uint8=False`) and their
+  labels, in mesh-sharded batches of `batch_size`. `cond`: per-sample conditioning arrays
+  [num, ...], batched alongside.
+
+  Batch i uses `fold_in(key, i)`, so it does not depend on what ran before. With `shard_dir`,
+  each batch is written there as `shard_XXXXX.npz` and batches already on disk are loaded instead
+  of sampled: an interrupted 50k-sample run resumes without duplicating or losing shards.
+  """
+  devices = exp.mesh.devices.size
+  batch_size = max(devices, (batch_size // devices) * devices)
+  num_batches = -(-num // batch_size)
+  out, labs, t0, done = [], [], time.perf_counter(), 0
+  for i in range(num_batches):
+    path = shard_dir and os.path.join(shard_dir, f"shard_{i:05d}.npz")
+    if path and os.path.exists(path):
+      with np.load(path, allow_pickle=False) as f:
+        out.append(f["images"])
+        labs.append(f["labels"])
+      continue
+    labels = class_labels(exp.config, batch_size, i * batch_size)
+    rows = np.arange(i * batch_size, (i + 1) * batch_size) % num  # The last batch wraps.
+    batch_cond = {k: jax.device_put(np.asarray(v)[rows], exp.batch_sharding)
+                  for k, v in (cond or {}).items()}
+    x = sample_fn(params, jax.random.fold_in(key, i),
+                  jax.device_put(labels, exp.batch_sharding), batch_cond)
+    x = parallel.to_host(x)
+    if as_uint8:
+      # A progressive growth stage samples at its resolution; images are shown (and evaluated)
+      # at the final size.
+      x = images_lib.to_uint8(images_lib.nearest_upsample(
+          x, exp.config.data.resolution // x.shape[1]))
+    out.append(np.asarray(x) if as_uint8 else np.asarray(x, np.float32))
+    labs.append(labels)
+    done += 1
+    if path and jax.process_index() == 0:
+      fileio.save_npz(path, images=out[-1], labels=labels)
+    if shard_dir:
+      rate = done / (time.perf_counter() - t0)
+      logging.info("Sample batch %d/%d (%.2f batches/s, ETA %.0fs)", i + 1, num_batches, rate,
+                   (num_batches - i - 1) / rate)
+  return np.concatenate(out)[:num], np.concatenate(labs)[:num]
+
+
+def sample(config, workdir: str) -> dict:
+  """--mode=sample: `config.sample.num` images from the latest checkpoint as per-batch shards
+  (resumable), one .npz of uint8 images and labels, and a PNG grid of the first 256."""
+  exp, state = experiment.restore_trained(config, workdir)
+  c = config.sample
+  fn = make_sample_fn(exp, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised)
+  params = state.ema_params if c.use_ema else state.params
+  step = int(jax.device_get(state.step))
+  method = "langevin" if exp.ncsn else f"{c.sampler}{c.steps or 'all'}_eta{c.eta:g}"
+  # Everything that changes the images is in the tag, so resumed shards always match.
+  tag = (f"sample_step{step:06d}_{method}_w{c.guidance:g}_label{c.label}_"
+         f"{'ema' if c.use_ema else 'raw'}_seed{c.seed}_bs{c.batch_size}")
+  out_dir = os.path.join(workdir, "samples")
+  t0 = time.perf_counter()
+  imgs, labels = generate(exp, fn, params, jax.random.key(c.seed), c.num, c.batch_size,
+                          shard_dir=os.path.join(out_dir, tag),
+                          cond=model_conditions(exp, c.num, jax.random.key(c.seed), step))
+  secs = time.perf_counter() - t0
+  result = {"num": int(len(imgs)), "seconds": secs, "step": step}
+  if jax.process_index() == 0:
+    result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),
+                                        images_lib.make_grid(imgs[:256]))
+    result["npz"] = fileio.save_npz(os.path.join(out_dir, tag + ".npz"), images=imgs,
+                                    labels=labels)
+  exp.close()
+  logging.info("Sampled %d images in %.1fs: %s", len(imgs), secs, result)
+  return result

@@ -1,0 +1,90 @@
+"""The shape of the package: imports go one way (pure math never imports orchestration), no
+import cycle (function-level imports included), no module over 450 lines."""
+import ast
+import os
+
+import pytest
+
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "difflax")
+# Pure math (DESIGN.md's layers): may import each other and leaf helpers, never what runs a loop.
+PURE = ("schedules", "noise_scales", "diffusion", "losses", "samplers", "cascade", "growth",
+        "evaluation.metrics", "trees", "images")
+ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main")
+
+
+def import_graph(pkg_dir=PKG):
+  """{module: {imported difflax modules}} from every import statement (any depth in the file)."""
+  mods = {}
+  for d, _, files in os.walk(pkg_dir):
+    for f in files:
+      if f.endswith(".py"):
+        rel = os.path.relpath(os.path.join(d, f), os.path.dirname(pkg_dir))[:-3]
+        mods[rel.replace(os.sep, ".").removesuffix(".__init__")] = os.path.join(d, f)
+  graph = {m: set() for m in mods}
+  for m, path in mods.items():
+    for node in ast.walk(ast.parse(open(path).read())):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        base = (node.module if node.level == 0
+                else ".".join(m.split(".")[:-node.level] + [node.module]))
+        names = [base] + [f"{base}.{a.name}" for a in node.names]
+      graph[m] |= {n for n in names if n in mods and n != m and not m.startswith(n + ".")}
+  return graph, mods
+
+
+def find_cycle(graph):
+  state, stack = {}, []
+
+  def visit(v):
+    state[v] = "open"
+    stack.append(v)
+    for w in sorted(graph[v]):
+      if state.get(w) == "open":
+        return stack[stack.index(w):] + [w]
+      if w not in state and (found := visit(w)):
+        return found
+    state[v] = "done"
+    stack.pop()
+    return None
+  for v in sorted(graph):
+    if v not in state and (found := visit(v)):
+      return found
+  return None
+
+
+def test_no_import_cycle():
+  graph, _ = import_graph()
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_cycle_finder_finds_a_planted_cycle(tmp_path):
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "a.py").write_text("from pkg import b\n")
+  (pkg / "b.py").write_text("def f():\n  from pkg import a\n")  # Function-level counts.
+  graph, _ = import_graph(str(pkg))
+  assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_orchestration(module):
+  graph, _ = import_graph()
+
+  def reach(m, seen):
+    for n in graph[m]:
+      if n not in seen:
+        seen.add(n)
+        reach(n, seen)
+    return seen
+  bad = sorted(n for n in reach("difflax." + module, set())
+               if n.removeprefix("difflax.") in ORCHESTRATION)
+  assert not bad, f"difflax.{module} reaches {bad}"
+
+
+def test_no_module_over_450_lines():
+  _, mods = import_graph()
+  long = {m: n for m, p in mods.items() if (n := sum(1 for _ in open(p))) > 450}
+  assert not long, long
