@@ -5,13 +5,15 @@ arrays, where the log-SNR includes input scaling: log(b^2 gamma / (1 - gamma)) (
 scaling by b shifts the log-SNR by 2 log b). `plot_schedules(curves, path)` writes a two-panel PNG
 (needs matplotlib: `pip install difflax[plots]`).
 
-  python -m difflax.plots --config=configs/chen_schedules.py:scale=0.5 \
+  python -m difflax.plots --config=chen_schedules:scale=0.5 \
       --gamma=cosine --gamma=sigmoid:start=0,end=3,tau=0.7 --out=gammas.png
 """
 from __future__ import annotations
 
 import numpy as np
 
+from difflax import config as config_lib
+from difflax import images
 from difflax import schedules
 
 
@@ -25,12 +27,9 @@ def schedule_curves(spec: str, input_scale: float = 1.0, num: int = 201):
 
 def plot_schedules(curves: dict, path: str) -> str:
   """curves: {label: (t, gamma, logsnr)} -> PNG with gamma(t) and log-SNR(t) side by side."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError as e:
-    raise ImportError("Plotting needs matplotlib: pip install 'difflax[plots]'.") from e
+  plt = images.pyplot()
+  if plt is None:
+    raise ImportError("Plotting needs matplotlib: pip install 'difflax[plots]'.")
   fig, (ax_g, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
   for label, (t, gamma, logsnr) in curves.items():
     ax_g.plot(t, gamma, label=label)
@@ -51,16 +50,11 @@ def main(argv):
   curves = {}
   for spec in f.gamma:
     curves[spec] = schedule_curves(spec)
-  for path in f.config:
-    import importlib.util
-    file, _, arg = path.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("cfg", file)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    d = mod.get_config(arg).diffusion
+  for spec in f.config:
+    d = config_lib.load(spec).diffusion
     curves[f"{d.gamma} b={d.input_scale:g}"] = schedule_curves(d.gamma, d.input_scale)
   if not curves:
-    raise SystemExit("Give at least one --gamma=SPEC or --config=FILE[:arg].")
+    raise SystemExit("Give at least one --gamma=SPEC or --config=NAME_OR_FILE[:arg].")
   print(plot_schedules(curves, f.out))
 
 
@@ -68,6 +62,6 @@ if __name__ == "__main__":
   from absl import app
   from absl import flags
   flags.DEFINE_multi_string("gamma", [], "gamma spec, e.g. sigmoid:start=0,end=3,tau=0.7")
-  flags.DEFINE_multi_string("config", [], "continuous-time config file[:arg]")
+  flags.DEFINE_multi_string("config", [], "continuous-time config (name or file)[:arg]")
   flags.DEFINE_string("out", "gamma_schedules.png", "output PNG")
   app.run(main)

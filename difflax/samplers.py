@@ -40,6 +40,12 @@ def _chain(d: diff_lib.Diffusion, stop_at: int) -> jax.Array:
   return jnp.arange(d.num_timesteps - 1, stop_at, -1)
 
 
+def _predict(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, x, i, clip_denoised: bool):
+  """p(x_{t-1} | x_t) at chain index i for the whole batch; the net sees the model time."""
+  t = jnp.full((x.shape[0],), i, dtype=jnp.int32)
+  return diff_lib.p_mean_variance(d, denoise_fn(x, d.timestep_map[t]), x, t, clip_denoised)
+
+
 def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
                 clip_denoised: bool = True, x_T: Optional[jax.Array] = None,
                 stop_at: int = -1) -> jax.Array:
@@ -47,8 +53,7 @@ def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
   x, step_key = _init(d, shape, key, x_T)
 
   def body(x, i):
-    t = jnp.full((shape[0],), i, dtype=jnp.int32)
-    out = diff_lib.p_mean_variance(d, denoise_fn(x, d.timestep_map[t]), x, t, clip_denoised)
+    out = _predict(denoise_fn, d, x, i, clip_denoised)
     z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)
     x = out.mean + (i > 0) * jnp.exp(0.5 * out.log_variance) * z
     return x, None
@@ -64,8 +69,7 @@ def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta
   x, step_key = _init(d, shape, key, x_T)
 
   def body(x, i):
-    t = jnp.full((shape[0],), i, dtype=jnp.int32)
-    out = diff_lib.p_mean_variance(d, denoise_fn(x, d.timestep_map[t]), x, t, clip_denoised)
+    out = _predict(denoise_fn, d, x, i, clip_denoised)
     a, a_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
     sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a)) * jnp.sqrt(1 - a / a_prev)
     mean = (out.pred_x0 * jnp.sqrt(a_prev)
