@@ -7,8 +7,8 @@ numpy or jax arrays alike (einops), the one implementation the data pipeline, gr
 UNet and previews share; `make_grid(images, ncol)` tiles uint8 [B, H, W, C] into one
 [rows*(H+pad), ncol*(W+pad), C] image; `make_pair_grid(low, high)` shows each super-resolution
 sample next to its low-res input; `save_png(path, image)` writes atomically (single-channel grids
-as grey, small grids upscaled). `pyplot()` is matplotlib's pyplot on the Agg backend, or None when
-matplotlib (the `plots` extra) is not installed. Nothing here touches devices.
+as grey, small grids upscaled). `figure(**kw)` is a matplotlib Figure for plots written to files,
+or None when matplotlib (the `plots` extra) is not installed. Nothing here touches devices.
 """
 from __future__ import annotations
 
@@ -75,12 +75,11 @@ def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
   return fileio.atomic_write(path, buf.getvalue())
 
 
-def pyplot():
-  """matplotlib.pyplot (Agg backend) or None if matplotlib is not installed."""
+def figure(**kwargs):
+  """A `matplotlib.figure.Figure` (no pyplot, so a notebook's backend is left alone), or None
+  if matplotlib (the `plots` extra) is not installed."""
   try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
   except ImportError:
     return None
-  return plt
+  return Figure(**kwargs)

@@ -181,10 +181,10 @@ def sweep(config, workdir: str) -> dict:
 
 
 def _plot_sweep(rows, path, stage, label):
-  plt = images_lib.pyplot()
-  if plt is None:
+  fig = images_lib.figure(figsize=(5, 3.5))
+  if fig is None:
     return None
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax = fig.subplots()
   for mode in sorted({r["mode"] for r in rows}):
     pts = [(r["s"], r["quick_fd"]) for r in rows if r["mode"] == mode]
     ax.plot(*zip(*pts), marker="o", label=mode)
@@ -193,5 +193,4 @@ def _plot_sweep(rows, path, stage, label):
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path

@@ -27,10 +27,10 @@ def schedule_curves(spec: str, input_scale: float = 1.0, num: int = 201):
 
 def plot_schedules(curves: dict, path: str) -> str:
   """curves: {label: (t, gamma, logsnr)} -> PNG with gamma(t) and log-SNR(t) side by side."""
-  plt = images.pyplot()
-  if plt is None:
+  fig = images.figure(figsize=(10, 4))
+  if fig is None:
     raise ImportError("Plotting needs matplotlib: pip install 'difflax[plots]'.")
-  fig, (ax_g, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
+  ax_g, ax_s = fig.subplots(1, 2)
   for label, (t, gamma, logsnr) in curves.items():
     ax_g.plot(t, gamma, label=label)
     ax_s.plot(t, np.clip(logsnr, -20, 20), label=label)
@@ -39,7 +39,6 @@ def plot_schedules(curves: dict, path: str) -> str:
   ax_g.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 

@@ -191,18 +191,16 @@ def scalars(result: dict) -> dict:
 
 def plot_history(workdir: str) -> str | None:
   """workdir/eval/metrics.png: training loss and every eval metric against the step."""
-  plt = images_lib.pyplot()
-  if plt is None:
-    return None
   series: dict = {}
   for row in writers.history(workdir):
     for k, v in row.items():
       if k in PLOTTED:
         series.setdefault(k, {})[row["step"]] = v
   keys = [k for k in PLOTTED if k in series]
-  if not keys:
+  fig = images_lib.figure(figsize=(4 * len(keys), 3)) if keys else None
+  if fig is None:
     return None
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, k in zip(axes[0], keys):
     steps = sorted(series[k])
     ax.plot(steps, [series[k][t] for t in steps], marker="." if k != "loss" else None)
@@ -211,7 +209,6 @@ def plot_history(workdir: str) -> str | None:
   path = os.path.join(workdir, "eval", "metrics.png")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
 
 
