@@ -151,6 +151,14 @@ def test_cli_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_p
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
 
 
+def test_plateau_on_quick_fd_needs_the_quick_eval():
+  from difflax import config as config_lib
+  c = load_config("progressive_cifar10", "paper")
+  assert c.growth.plateau_metric == "quick_fd"
+  with pytest.raises(config_lib.ConfigError, match="eval.quick_fd=True"):
+    config_lib.load("progressive_cifar10:paper", [("eval.quick_fd", "false")])
+
+
 def test_schedule_budget_plateau_and_fade_boundaries():
   c = load_config("progressive_cifar10", "")  # 8 -> 16 -> 32, 400 steps per stage, fade 100.
   gs = growth.GrowthState()
