@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir="",          # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets).
       folder="",            # Root of a folder-of-images dataset (name="folder").
       skip_bad_images=False,  # Folder datasets: skip unreadable files (counted) instead of failing.
+      background=(255, 255, 255),  # Folder datasets: RGB that transparent pixels become.
+      cache_dir="",         # Folder decode cache ("" = ~/.cache/difflax/folders).
       num_examples=4096,    # Size of the embedded dataset.
       shuffle_buffer=10_000,
       low_res=0,            # >0: batches also carry `low_res` (box-downsampled; cascade SR).

@@ -39,7 +39,7 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 # What a user can fix without reading code: one line and exit status 2.
-USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.BadImageError,
+USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.DatasetError,
                checkpoint.CheckpointMismatchError, inception.WeightsNotAvailableError,
                FileNotFoundError)
 

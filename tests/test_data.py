@@ -39,19 +39,6 @@ def test_array_batches_depend_only_on_seed_and_step():
                                 batches[0]["label"])
 
 
-def test_folder_dataset(tmp_path):
-  from PIL import Image
-  for cls, color in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
-    os.makedirs(tmp_path / cls)
-    for i in range(3):
-      Image.new("RGB", (20, 12), color).save(tmp_path / cls / f"{i}.png")
-  images, labels, classes = data.folder_dataset(str(tmp_path), 8)
-  assert images.shape == (6, 8, 8, 3) and classes == ["cats", "dogs"]
-  assert labels.tolist() == [0, 0, 0, 1, 1, 1] and images[0, 0, 0, 0] == 255
-  with pytest.raises(data.DatasetNotAvailableError, match="not a directory"):
-    data.folder_dataset(str(tmp_path / "missing"), 8)
-
-
 def test_missing_tfds_dataset_fails_fast_with_instructions(tiny_config, tmp_path):
   tiny_config.data.name = "cifar10"
   tiny_config.data.data_dir = str(tmp_path)
@@ -76,22 +63,3 @@ def test_tfds_under_mock_data_gives_global_sharded_batches(tiny_config):
   x = np.asarray(batch["image"])
   assert x.min() >= -1 and x.max() <= 1
   np.testing.assert_array_equal(x, np.asarray(again["image"]))
-
-
-def test_flat_folder_with_and_without_trailing_slash_and_bad_files(tmp_path, caplog):
-  from PIL import Image
-  flat = tmp_path / "icons"
-  flat.mkdir()
-  for i in range(3):
-    Image.new("RGB", (10, 10), (0, 200, 0)).save(flat / f"{i}.png")
-  (flat / ".hidden.png").write_bytes(b"ignored")  # Hidden files and non-images are not read.
-  (flat / "notes.txt").write_text("ignored")
-  for root in (str(flat), str(flat) + "/"):
-    images, labels, classes = data.folder_dataset(root, 8)
-    assert images.shape == (3, 8, 8, 3) and labels.tolist() == [0, 0, 0] and classes == []
-  (flat / "broken.png").write_bytes(b"\x89PNG not really")
-  with pytest.raises(data.BadImageError, match="broken.png.*skip_bad_images"):
-    data.folder_dataset(str(flat), 8)
-  with caplog.at_level("WARNING"):
-    images, _, _ = data.folder_dataset(str(flat), 8, skip_bad_images=True)
-  assert len(images) == 3 and "Skipped 1 unreadable image" in caplog.text
