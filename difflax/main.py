@@ -31,7 +31,12 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum("mode", "train", list(train.MODES),
                   "What to do (sweep: a cascade's augmentation-level sweep).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize(): auto = when a multi-process cluster is detected.")
+                  "jax.distributed.initialize(): auto = with the flags below or when a "
+                  "multi-process cluster (TPU pod, SLURM, Open MPI) is detected.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs "
+                    "(default: $JAX_COORDINATOR_ADDRESS or auto-detected).")
+flags.DEFINE_integer("num_processes", 0, "Processes in the job (0: auto-detected).")
+flags.DEFINE_integer("process_id", -1, "This process's index, 0..num_processes-1 (-1: auto).")
 flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",
                     "Persistent XLA compilation cache ('' disables); reruns and resumes skip "
                     "most of the compile.")
@@ -50,7 +55,8 @@ def main(argv):
   config = cli.load_config()
   if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
-  parallel.maybe_initialize_distributed(FLAGS.distributed)
+  parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                        FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.INFO)
   # Orbax and TF log every file they touch at INFO; keep the run's own progress readable.
   quiet = lambda r: r.levelno >= 30 or not any(

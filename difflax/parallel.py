@@ -28,20 +28,33 @@ BATCH_SPEC = P(AXES)
 FSDP_EXCLUDE = r"norm|bias|label_emb"
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> None:
-  """Calls `jax.distributed.initialize()` for multi-process launches.
+def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str = "",
+                                  num_processes: int = 0, process_id: int = -1) -> None:
+  """Calls `jax.distributed.initialize` for multi-process launches, before devices are touched.
 
-  mode "on" always initialises (auto-detecting TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS /
-  JAX_NUM_PROCESSES / JAX_PROCESS_ID); "auto" does so only when such a cluster is detected.
+  Explicit settings (`coordinator_address` "host:port" of process 0, `num_processes`,
+  `process_id`, as `launch/local.sh` and `launch/slurm.sbatch` pass them) are used as given;
+  without them JAX detects TPU pods, SLURM and Open MPI (and reads JAX_COORDINATOR_ADDRESS). Mode
+  "on" always initialises, "auto" when explicit settings or such a cluster are present, "off"
+  never. CPU processes talk through gloo collectives (what the 127.0.0.1 test bed uses).
   """
   if mode == "off":
     return
   env = os.environ
-  detected = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+  explicit = {}
+  if coordinator_address:
+    explicit["coordinator_address"] = coordinator_address
+  if num_processes > 0:
+    explicit["num_processes"] = num_processes
+  if process_id >= 0:
+    explicit["process_id"] = process_id
+  detected = (explicit or env.get("JAX_COORDINATOR_ADDRESS")
+              or int(env.get("SLURM_NTASKS", "1")) > 1
               or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
   if mode == "on" or detected:
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**explicit)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())

@@ -119,3 +119,29 @@ def test_class_count_is_checked_and_a_memory_mapped_folder_trains(tmp_path):
   assert isinstance(images, np.memmap)  # Batches are read from the map, not a copy in RAM.
   c.train.update(num_steps=1, preview_every=0, eval_every=0)
   assert train.run(c, str(tmp_path / "run"))["step"] == 1
+
+
+def test_concurrent_loaders_decode_once(tmp_path, monkeypatch):
+  """Two loaders at once (processes of one job on a shared disk): one decodes, one waits."""
+  import threading
+  for i in range(6):
+    save(tmp_path / "f" / f"{i}.png", "RGB", (8, 8), (i * 40, 0, 0))
+  real, calls, gate = folders.decode, [], threading.Event()
+
+  def slow_decode(*args, **kwargs):
+    calls.append(args[0])
+    gate.wait(5)  # Hold the first builder until the second loader has started waiting.
+    return real(*args, **kwargs)
+  monkeypatch.setattr(folders, "decode", slow_decode)
+  out = [None, None]
+
+  def load(i):
+    out[i] = np.asarray(folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))[0])
+  threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  gate.set()
+  for t in threads:
+    t.join(30)
+  assert len(calls) == 6  # Every file decoded once, not once per loader.
+  np.testing.assert_array_equal(out[0], out[1])

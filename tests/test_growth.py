@@ -117,7 +117,8 @@ def test_cli_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_p
                                                                            monkeypatch):
   ref = tmp_path / "ref"
   proc = subprocess.run([sys.executable, "-m", "difflax.main",
-                         "--config=configs/progressive_cifar10.py:tiny", f"--workdir={ref}"],
+                         "--config=configs/progressive_cifar10.py:tiny", f"--workdir={ref}",
+                         "--config.train.preview_every=8"],  # One preview compile, at the end.
                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
