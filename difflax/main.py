@@ -55,9 +55,9 @@ def main(argv):
   config = cli.load_config()
   if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+  logging.set_verbosity(logging.INFO)
   parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                         FLAGS.num_processes, FLAGS.process_id)
-  logging.set_verbosity(logging.INFO)
   # Orbax and TF log every file they touch at INFO; keep the run's own progress readable.
   quiet = lambda r: r.levelno >= 30 or not any(
       s in r.pathname for s in ("/orbax/", "/tensorflow", "/jax/_src/"))

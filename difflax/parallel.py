@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost as ocp_multihost
 
 from difflax import trees
 
@@ -119,3 +120,26 @@ def to_host(x: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(x, tiled=True)
   return jax.device_get(x)
+
+
+def any_process(flag: bool, after: Any = None) -> bool:
+  """True on every process when `flag` is true on any (a SIGTERM that reached one host): all of
+  them then stop at, and checkpoint, the same step instead of one entering a collective alone.
+
+  `after` (e.g. the step's outputs) is waited for first: XLA:CPU runs computations on a thread
+  pool, and two processes starting the step's gloo collective and this one in different orders
+  would wait on each other forever.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  jax.block_until_ready(after)
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def barrier(name: str, timeout_secs: int = 3600) -> None:
+  """Every process waits here, through the coordination service rather than a device
+  collective: a host still compiling (minutes for a large model) cannot make another host's
+  first gloo / NCCL collective time out. `name` must be unique per call site and step."""
+  if jax.process_count() > 1:
+    ocp_multihost.sync_global_processes(name, timeout=timeout_secs,
+                                        processes=set(range(jax.process_count())))

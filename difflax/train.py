@@ -4,10 +4,10 @@ Contract: `train(config, workdir) -> dict` trains to `config.train.num_steps`, r
 latest checkpoint in `workdir`: experiment setup (mesh, model, abstract state, shardings) ->
 restore or init -> data from the restored step -> per architecture: compile the step once, then
 steps with periodic work (metrics through clu writers, checkpoints, preview grids, evals,
-progressive growth). A SIGTERM checkpoints the current step and returns; a non-finite loss or
-preview stops the run with a message and without checkpointing the bad state. Progressive
-growth is a phase change of this loop (surgery on the state, re-jit); a cascade's stages are
-trained one after another by it. Outputs in `workdir`: config.json, checkpoints/, best/,
+progressive growth). A SIGTERM to any process checkpoints the current step on all of them and
+returns; a non-finite loss stops the run with a message and without checkpointing the bad
+state. Progressive growth is a phase change of this loop (surgery on the state, re-jit); a
+cascade's stages are trained one after another by it. Outputs in `workdir`: config.json, checkpoints/, best/,
 metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/.
 
 `run(config, workdir, mode)`: train (every stage of a cascade in order), sample (`sampling` or
@@ -82,7 +82,7 @@ def check_finite(values: dict, what: str, step: int, workdir: str) -> None:
 class Phase:
   """What one architecture needs: its experiment, the compiled step, preview and eval."""
 
-  def __init__(self, exp: experiment.Experiment, state, batch):
+  def __init__(self, exp: experiment.Experiment, state, batch, step: int):
     c = exp.config
     fn = step_lib.make_train_step(exp.model, exp.objective, exp.optimizer, exp.lr_schedule, c,
                                   exp.keys["step"], exp.growth_state)
@@ -94,6 +94,7 @@ class Phase:
     self.compile_secs = time.perf_counter() - t0
     logging.info("Compiled the train step in %.1fs (resolution %d)", self.compile_secs,
                  exp.resolution)
+    parallel.barrier(f"difflax_compiled_step_{step}")  # Start the first step together.
     self.exp = exp
     self.preview_fn = (sampling.make_sample_fn(exp, c.train.preview_sampler,
                                                c.train.preview_steps)
@@ -159,11 +160,11 @@ def train(config, workdir: str) -> dict:
                                   saved.get("bad", 0))
   meta = lambda: exp.meta(state, {"plateau": {"best": plateau.best, "bad": plateau.bad}}
                           if growth.enabled(c) else None)
-  pending, plateau_losses, last = [], [], {}
+  pending, plateau_losses, last, stopping = [], [], {}, False
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
   with StopOnSignal() as stop:
-    while step < t.num_steps and not stop.requested:
-      phase = Phase(exp, state, batch)
+    while step < t.num_steps and not stopping:
+      phase = Phase(exp, state, batch, step)
       writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
       for step in range(step + 1, t.num_steps + 1):
         if step > start + 1:
@@ -171,7 +172,8 @@ def train(config, workdir: str) -> dict:
         state, metrics = phase.train_step(state, batch)
         pending.append(metrics)
         report(step)
-        final = step == t.num_steps or stop.requested
+        stopping = parallel.any_process(stop.requested, metrics)  # All stop at one step.
+        final = step == t.num_steps or stopping
         if every(t.log_every, step, final) or every(t.checkpoint_every, step):
           last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
           check_finite(last, "training metrics", step, workdir)
@@ -201,7 +203,7 @@ def train(config, workdir: str) -> dict:
             phase.preview(state, step, writer)
           if phase.evaluator is not None and every(t.eval_every, step, final):
             phase.evaluate(state, step, writer, meta())
-        if stop.requested:
+        if stopping:
           logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
                           step)
           break
