@@ -1,5 +1,6 @@
 """Train-step throughput of difflax's UNet (default: the reference architecture of
-../shared/bench/README.md). Prints one JSON object on the last line.
+the team's diffusers peer benchmark, kept outside this repository). Prints one JSON object on
+the last line.
 
   .venv/bin/python benchmarks/train_throughput.py [--resolution 32 --batch-size 32 ...]
 
