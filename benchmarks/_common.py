@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: the reference UNet config, matmul peak, RSS, timing.
 
-The reference architecture is the one team's PyTorch diffusers peer benchmark measures in PyTorch
-diffusers: 32x32x3, ch 64, mult (1, 2, 2), 2 res blocks (3 on the way up), one-head attention at
+The reference architecture is the one the team's PyTorch diffusers peer benchmark measures:
+32x32x3, ch 64, mult (1, 2, 2), 2 res blocks (3 on the way up), one-head attention at
 16x16 and in the middle block, GroupNorm 32, batch 32, fp32, T=1000 linear betas, eps-MSE, Adam.
 """
 from __future__ import annotations
