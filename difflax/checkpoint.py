@@ -1,27 +1,53 @@
-"""Checkpoints: an orbax CheckpointManager holding the train state plus JSON metadata.
+"""Checkpoints: an orbax CheckpointManager holding the train state plus JSON metadata, verified.
 
 Contract: `Checkpointer(directory, keep)` saves `(state, meta)` pairs atomically (orbax writes to a
-temporary directory and renames), keeps the newest `keep`, and restores the latest one into a
-given abstract state (shapes + shardings), so restored arrays land directly in their shards.
-`meta` is JSON: the step, the parameter shapes (`param_shapes`) and any stage metadata a caller
-adds (growth stage, cascade stage). Before restoring, the checkpoint's parameter shapes are
-compared with the expected ones and `CheckpointMismatchError` names the differing paths, instead
-of a shape error deep inside orbax.
+temporary directory and renames), keeps the newest `keep`, and restores into a given abstract
+state (shapes + shardings), so restored arrays land directly in their shards whatever topology
+wrote them. `directory` may be a local path or a URL (`gs://...`); it is passed to orbax as an
+`epath.Path`, never turned into a local folder.
+
+`meta` is JSON: the step, the parameter shapes (`param_shapes`), `checksums` (one 32-bit
+checksum per state leaf, `state_checksums`) and any stage metadata a caller adds. Integrity:
+  * save refuses a state with non-finite values (it would poison every resumed run);
+  * restore compares the checkpoint's parameter shapes with the expected ones first
+    (`CheckpointMismatchError` names the differing paths: another architecture is a user error,
+    not damage), then verifies every restored leaf against its recorded checksum and for
+    finiteness. A damaged checkpoint (unreadable, checksum mismatch, NaN / inf) is logged with
+    its step and the damaged arrays, moved aside to `<directory>_damaged/<step>` (kept for
+    inspection, never deleted) and the next older one is tried; `CheckpointCorruptError` if none
+    is good.
+  * keep-N rotation never deletes the checkpoint this run restored and verified, so a chain of
+    newer, unverified writes cannot rotate the last known-good state away.
+Checksums are integer sums computed under `jit` on the sharded arrays (no host copy, exact in any
+reduction order), so a checkpoint written on 2 processes x 4 devices verifies on 1 device.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from difflax import parallel
 from difflax import trees
+
+# Odd multipliers: a change of any single element changes the weighted sum (odd numbers are
+# invertible mod 2^32), and the index weights make swapped elements show.
+_MUL_A, _MUL_B = np.uint32(0x9E3779B1), np.uint32(0x85EBCA77)
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint on disk was written by a different architecture."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """No checkpoint in the directory passed verification."""
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -43,12 +69,56 @@ def compare_shapes(saved: dict, expected: dict) -> list[str]:
   return diffs
 
 
+def _leaf_summary(x):
+  """(checksum: uint32, finite: bool) of one array; x may be sharded across processes."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  v = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+  i = jnp.arange(v.shape[0], dtype=jnp.uint32)
+  return jnp.sum((v ^ (i * _MUL_B)) * (i * jnp.uint32(2) + jnp.uint32(1)) * _MUL_A), finite
+
+
+@jax.jit
+def _summaries(leaves: list):
+  return [_leaf_summary(x) for x in leaves]
+
+
+def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
+  """({leaf path: checksum}, [paths of leaves with NaN / inf]) of a state pytree."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+  out = jax.device_get(_summaries(list(leaves)))  # Scalars, replicated on every process.
+  names = [trees.path_str(p) for p in paths]
+  return ({k: int(s) for k, (s, _) in zip(names, out)},
+          [k for k, (_, ok) in zip(names, out) if not ok])
+
+
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+  """An `epath.Path` of a local path (made absolute) or a URL (kept verbatim)."""
+  s = os.fspath(path)
+  return epath.Path(s if "://" in s else os.path.abspath(s))
+
+
+@dataclasses.dataclass
+class _KeepSteps:
+  """orbax preservation policy: keep the given steps (the verified restore) whatever N says."""
+  steps: set
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items 'state' and 'meta'."""
 
   def __init__(self, directory: str, keep: int = 3):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self.directory = workdir_path(directory)
+    self.verified = _KeepSteps(set())
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(keep), self.verified])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
@@ -57,8 +127,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    sums, bad = state_checksums(state)
+    if bad:
+      raise FloatingPointError(
+          f"Refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}"
+          f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint in {self.directory} is "
+          "kept; try a lower config.optim.lr or config.optim.grad_clip=1.0.")
     self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "checksums": sums})),
+        force=True)
     self.manager.wait_until_finished()
     logging.info("Saved checkpoint at step %d to %s", step, self.directory)
 
@@ -69,11 +146,30 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """(state, meta) of the latest (or given) step, placed per `abstract_state`'s shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """(state, meta) of the latest good (or the given) step, placed per `abstract_state`'s
+    shardings; damaged checkpoints are reported, set aside and skipped (see module doc)."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    meta = self.read_meta(step)
+    damaged = []
+    for s in steps:
+      meta = self.read_meta(s)
+      self._check_architecture(meta, abstract_state, s)
+      problem, state = self._restore_verified(abstract_state, s, meta)
+      if problem is None:
+        self.verified.steps = {s}
+        return state, meta
+      damaged.append(f"step {s}: {problem}")
+      logging.error("Checkpoint %s/%d is damaged (%s); %s", self.directory, s, problem,
+                    "trying the previous one." if s != steps[-1] else "no older one left.")
+      if step is None:
+        self._set_aside(s)
+    raise CheckpointCorruptError(
+        f"No intact checkpoint in {self.directory}:\n  " + "\n  ".join(damaged) +
+        f"\nDamaged checkpoints were moved to {self.directory}_damaged; start a new --workdir "
+        "or restore a backup.")
+
+  def _check_architecture(self, meta: dict, abstract_state: Any, step: int) -> None:
     diffs = compare_shapes(meta.get("param_shapes", {}), param_shapes(abstract_state.params))
     if diffs:
       shown = "\n  ".join(diffs[:10]) + ("\n  ..." if len(diffs) > 10 else "")
@@ -81,9 +177,31 @@ class Checkpointer:
           f"The checkpoint at {self.directory} (step {step}) was written by a different "
           f"architecture; {len(diffs)} parameter(s) differ:\n  {shown}\nUse the config it was "
           "trained with (saved as config.json in its workdir) or start a new --workdir.")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"], meta
+
+  def _restore_verified(self, abstract_state, step: int, meta: dict):
+    """(None, state) if step restores, matches its checksums and is finite; else (why, None)."""
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # Unreadable / undecodable array data.
+      return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})", None
+    sums, nonfinite = state_checksums(state)
+    recorded = meta.get("checksums")  # Absent in checkpoints of older difflax versions.
+    wrong = [k for k, v in sums.items() if recorded is not None and recorded.get(k) != v]
+    if wrong:
+      return (f"{len(wrong)} array(s) differ from their checksums: {', '.join(wrong[:5])}"
+              f"{' ...' if len(wrong) > 5 else ''}"), None
+    if nonfinite:
+      return f"non-finite values in {', '.join(nonfinite[:5])}", None
+    return None, state
+
+  def _set_aside(self, step: int) -> None:
+    aside = epath.Path(f"{self.directory}_damaged")
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(aside / str(step))
+    parallel.barrier(f"difflax_checkpoint_aside_{step}")
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

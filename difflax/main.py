@@ -45,7 +45,8 @@ FLAGS = flags.FLAGS
 
 # What a user can fix without reading code: one line and exit status 2.
 USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.DatasetError,
-               checkpoint.CheckpointMismatchError, inception.WeightsNotAvailableError,
+               checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
+               inception.WeightsNotAvailableError,
                FileNotFoundError)
 
 

@@ -137,6 +137,7 @@ def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch
   Batch i uses `fold_in(key, i)`, so it does not depend on what ran before. With `shard_dir`,
   each batch is written there as `shard_XXXXX.npz` and batches already on disk are loaded instead
   of sampled: an interrupted 50k-sample run resumes without duplicating or losing shards.
+  Non-finite samples raise `FloatingPointError` (previews and evals stop a run as a NaN loss does).
   """
   devices = exp.mesh.devices.size
   batch_size = max(devices, (batch_size // devices) * devices)
@@ -156,6 +157,11 @@ def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch
     x = sample_fn(params, jax.random.fold_in(key, i),
                   jax.device_put(labels, exp.batch_sharding), batch_cond)
     x = parallel.to_host(x)
+    if not np.all(np.isfinite(x)):  # uint8 would hide NaN as black pixels; stop like a NaN loss.
+      raise FloatingPointError(
+          f"Non-finite samples (batch {i}) from these parameters: the model or its EMA holds "
+          "NaN / inf. Nothing was written for this batch; check the run's loss history and "
+          "resume from an earlier checkpoint with a lower config.optim.lr.")
     if as_uint8:
       # A progressive growth stage samples at its resolution; images are shown (and evaluated)
       # at the final size.

@@ -120,6 +120,30 @@ def test_killed_run_resumes_bit_identically(trained, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_corrupt_latest_checkpoint_is_named_and_the_run_resumes_from_the_previous(
+    trained, tmp_path, caplog):
+  """4,000 flipped bytes in the largest array file of the latest checkpoint: the run names it,
+  sets it aside, resumes from step 2 and ends where the uninterrupted run ended."""
+  import shutil
+  shutil.copytree(trained, tmp_path / "run")
+  files = [f for f in glob.glob(str(tmp_path / "run" / "checkpoints" / "4" / "**"),
+                                recursive=True) if os.path.isfile(f)]
+  largest = max(files, key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  for p in np.random.default_rng(0).choice(len(data), 4000, replace=False):
+    data[p] ^= 0xA5
+  open(largest, "wb").write(bytes(data))
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.preview_every = 0
+  with caplog.at_level("ERROR"):
+    assert train.run(c, str(tmp_path / "run"))["step"] == 4
+  assert "checkpoints/4 is damaged" in caplog.text
+  assert os.listdir(tmp_path / "run" / "checkpoints_damaged") == ["4"]
+  want, got = params_at(trained, 4), params_at(str(tmp_path / "run"), 4)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_sample_and_eval_modes(trained):
   c = load_config("ddpm_cifar10", "tiny")
   out = train.run(c, trained, mode="sample")
@@ -178,6 +202,19 @@ def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatc
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
     train.run(c, str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_non_finite_samples_stop_like_a_nan_loss(trained, tmp_path, monkeypatch):
+  real = experiment.restore_trained
+
+  def nan_ema(config, workdir):
+    exp, state = real(config, workdir)
+    return exp, state.replace(ema_params=jax.tree_util.tree_map(lambda p: p * np.nan,
+                                                                state.ema_params))
+  monkeypatch.setattr(experiment, "restore_trained", nan_ema)
+  c = load_config("ddpm_cifar10", "tiny")
+  with pytest.raises(FloatingPointError, match="Non-finite samples"):
+    train.run(c, trained, mode="sample")
 
 
 def test_sample_without_checkpoint_says_train_first(tmp_path):

@@ -1,0 +1,96 @@
+"""Checkpoint integrity: checksums, finiteness, fallback to the newest good checkpoint, keep-N
+rotation that spares the verified one, URL directories passed through (tiny pytrees, no model)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import checkpoint as ckpt_lib
+from difflax import state as state_lib
+
+
+def make_state(step, value=1.0):
+  params = {"dense": {"kernel": jnp.full((4, 8), value), "bias": jnp.arange(8.0) * value}}
+  return state_lib.TrainState(step=jnp.int32(step), params=params,
+                              ema_params=jax.tree_util.tree_map(lambda x: x * 0.5, params),
+                              opt_state=(jnp.zeros((3,), jnp.bfloat16), jnp.int32(7)))
+
+
+def abstract(state):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def save(ckpt, step, value=1.0):
+  state = make_state(step, value)
+  ckpt.save(step, state, {"step": step, "param_shapes": ckpt_lib.param_shapes(state.params)})
+
+
+def edit_meta(directory, step, fn):
+  path = os.path.join(directory, str(step), "meta", "metadata")
+  meta = json.load(open(path))
+  fn(meta)
+  json.dump(meta, open(path, "w"))
+
+
+def test_checksums_see_any_single_change_and_ignore_sharding():
+  x = jnp.arange(64.0).reshape(8, 8)
+  base = ckpt_lib.state_checksums({"x": x})[0]["x"]
+  for i in (0, 17, 63):  # One element changed by one ulp, and two elements swapped.
+    y = x.reshape(-1).at[i].set(jnp.nextafter(x.reshape(-1)[i], jnp.inf)).reshape(8, 8)
+    assert ckpt_lib.state_checksums({"x": y})[0]["x"] != base
+  assert ckpt_lib.state_checksums({"x": x[::-1]})[0]["x"] != base
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("a", "b"))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+  assert ckpt_lib.state_checksums({"x": sharded})[0]["x"] == base
+  _, bad = ckpt_lib.state_checksums({"ok": x, "bad": x.at[3, 3].set(jnp.nan)})
+  assert bad == ["bad"]
+
+
+def test_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path):
+  d = str(tmp_path / "checkpoints")
+  ckpt = ckpt_lib.Checkpointer(d, keep=5)
+  for step in (1, 2, 3):
+    save(ckpt, step, value=float(step))
+  # Step 3: one array's bytes no longer match what was saved (silent corruption).
+  edit_meta(d, 3, lambda m: m["checksums"].update({"params/dense/kernel": 12345}))
+  # Step 2: NaN parameters that got onto disk behind our back.
+  edit_meta(d, 2, lambda m: None)
+  bad = make_state(2, value=float("nan"))
+  ckpt.manager.delete(2)
+  import orbax.checkpoint as ocp
+  ckpt.manager.save(2, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(bad),
+      meta=ocp.args.JsonSave({"step": 2, "param_shapes": ckpt_lib.param_shapes(bad.params)})),
+      force=True)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(d, keep=1)
+  state, meta = ckpt.restore(abstract(make_state(0)))
+  assert meta["step"] == 1 and float(state.params["dense"]["kernel"][0, 0]) == 1.0
+  assert sorted(os.listdir(d + "_damaged")) == ["2", "3"]
+  assert ckpt.manager.all_steps() == [1]
+  # keep=1 rotation never deletes the verified checkpoint this run restored.
+  save(ckpt, 4)
+  save(ckpt, 5)
+  assert ckpt.manager.all_steps() == [1, 5]
+  ckpt.close()
+
+
+def test_no_intact_checkpoint_says_so_and_deletes_nothing(tmp_path):
+  d = str(tmp_path / "checkpoints")
+  ckpt = ckpt_lib.Checkpointer(d)
+  save(ckpt, 1)
+  ckpt.close()
+  edit_meta(d, 1, lambda m: m["checksums"].update({"ema_params/dense/bias": 1}))
+  with pytest.raises(ckpt_lib.CheckpointCorruptError, match="step 1: 1 array.*ema_params/dense/bias"):
+    ckpt_lib.Checkpointer(d).restore(abstract(make_state(0)))
+  assert os.listdir(d + "_damaged") == ["1"]
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "c"))
+  with pytest.raises(FloatingPointError, match="params/dense/kernel"):
+    save(ckpt, 1, value=float("inf"))
+  assert ckpt.latest_step() is None
