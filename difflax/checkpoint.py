@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Optional
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from difflax import fileio
 from difflax import parallel
 from difflax import trees
 
@@ -94,12 +94,6 @@ def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
           [k for k, (_, ok) in zip(names, out) if not ok])
 
 
-def workdir_path(path: str | os.PathLike) -> epath.Path:
-  """An `epath.Path` of a local path (made absolute) or a URL (kept verbatim)."""
-  s = os.fspath(path)
-  return epath.Path(s if "://" in s else os.path.abspath(s))
-
-
 @dataclasses.dataclass
 class _KeepSteps:
   """orbax preservation policy: keep the given steps (the verified restore) whatever N says."""
@@ -114,7 +108,7 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items 'state' and 'meta'."""
 
   def __init__(self, directory: str, keep: int = 3):
-    self.directory = workdir_path(directory)
+    self.directory = fileio.path(directory)
     self.verified = _KeepSteps(set())
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [ocp.checkpoint_managers.LatestN(keep), self.verified])

@@ -146,9 +146,8 @@ def sweep(config, workdir: str) -> dict:
   key = jax.random.key(c.seed)
   base_path = os.path.join(out_dir, f"base_{stages[0].name}{stages[0].step}_seed{c.seed}_"
                            f"n{c.sweep_num}.npz")
-  if os.path.exists(base_path):
-    with np.load(base_path, allow_pickle=False) as f:
-      base = f["samples"]
+  if fileio.exists(base_path):
+    base = fileio.load_npz(base_path)["samples"]
   else:
     base = stages[0].generate(jax.random.fold_in(key, 0), c.sweep_num, c.batch_size)
     if jax.process_index() == 0:
@@ -192,5 +191,4 @@ def _plot_sweep(rows, path, stage, label):
          title="Cascade quality vs s")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  return path
+  return fileio.save_figure(path, fig)

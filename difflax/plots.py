@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from difflax import config as config_lib
+from difflax import fileio
 from difflax import images
 from difflax import schedules
 
@@ -38,8 +39,7 @@ def plot_schedules(curves: dict, path: str) -> str:
   ax_s.set(xlabel="t", ylabel="log SNR", title="log SNR = log(b^2 gamma / (1 - gamma))")
   ax_g.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
+  return fileio.save_figure(path, fig, dpi=100)
 
 
 def main(argv):

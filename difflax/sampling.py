@@ -145,10 +145,10 @@ def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch
   out, labs, t0, done = [], [], time.perf_counter(), 0
   for i in range(num_batches):
     path = shard_dir and os.path.join(shard_dir, f"shard_{i:05d}.npz")
-    if path and os.path.exists(path):
-      with np.load(path, allow_pickle=False) as f:
-        out.append(f["images"])
-        labs.append(f["labels"])
+    if path and fileio.exists(path):
+      shard = fileio.load_npz(path)
+      out.append(shard["images"])
+      labs.append(shard["labels"])
       continue
     labels = class_labels(exp.config, batch_size, i * batch_size)
     rows = np.arange(i * batch_size, (i + 1) * batch_size) % num  # The last batch wraps.

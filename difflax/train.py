@@ -220,7 +220,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   if mode not in MODES:
     raise config_lib.ConfigError(f"Unknown --mode={mode!r}; valid: {MODES}.")
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.path(workdir).mkdir(parents=True, exist_ok=True)
   if mode == "train" and jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))

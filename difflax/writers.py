@@ -68,7 +68,8 @@ def create(workdir: str) -> metric_writers.MetricWriter:
   if jax.process_index() > 0:
     return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter()])
   return metric_writers.AsyncMultiWriter([
-      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir),
+      # TensorFlow's file systems take the URL itself (gs://...); fspath keeps it verbatim.
+      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(os.fspath(fileio.path(workdir))),
       JsonlWriter(os.path.join(workdir, HISTORY))])
 
 

@@ -267,3 +267,35 @@ def test_interrupted_sample_run_resumes_without_duplicating_or_losing_shards(tra
   assert a["images"].shape == (20, 8, 8, 3)
   np.testing.assert_array_equal(a["images"], b["images"])
   np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_url_workdir_is_passed_through_verbatim(tmp_path, monkeypatch):
+  """A workdir URL reaches every writer as the URL: through a scheme registered with
+  `epath.register_path_cls` (a stand-in bucket in a temp dir), checkpoints, metrics, previews,
+  evals and samples land in the bucket and no local folder named after the scheme appears."""
+  from etils import epath
+  bucket = tmp_path / "bucket"
+
+  @epath.register_path_cls("difflaxtest://")
+  class BucketPath(epath.gpath.PosixGPath):
+    def __new__(cls, *parts):
+      full = "/".join(os.fspath(p) for p in parts)
+      if full.startswith("difflaxtest://"):
+        full = os.path.join(bucket, full[len("difflaxtest://"):])
+      return super().__new__(cls, full)
+
+  monkeypatch.chdir(tmp_path)
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.update(num_steps=2, checkpoint_every=2, preview_every=2, eval_every=2)
+  c.eval.bpd = False
+  url = "difflaxtest://runs/x"
+  assert train.run(c, url)["step"] == 2
+  assert train.run(c, url, mode="sample")["num"] == c.sample.num
+  run = bucket / "runs" / "x"
+  for f in ("config.json", "metrics.jsonl", "checkpoints/2", "samples/step_000002.png",
+            "eval/eval_step000002.json", "eval/best.json", "best/2"):
+    assert (run / f).exists(), f
+  assert glob.glob(str(run / "events.out.tfevents.*"))
+  assert glob.glob(str(run / "samples" / "sample_step000002_*" / "shard_00000.npz"))
+  assert [r["step"] for r in writers.history(url) if "loss" in r] == [2]
+  assert not [p for p in glob.glob(str(tmp_path / "**"), recursive=True) if "difflaxtest:" in p]

@@ -171,7 +171,7 @@ class Evaluator:
   def _record(self, result: dict) -> None:
     out = os.path.join(self.exp.workdir, "eval")
     best_path = os.path.join(out, "best.json")
-    best = fileio.read_json(best_path) if os.path.exists(best_path) else None
+    best = fileio.read_json(best_path) if fileio.exists(best_path) else None
     key = next((k for k in BEST_KEYS if k in result), None)
     result["is_best"] = bool(key is not None and (best is None
                                                   or result[key] < best.get(key, np.inf)))
@@ -204,10 +204,7 @@ def plot_history(workdir: str) -> str | None:
     ax.plot(steps, [series[k][t] for t in steps], marker="." if k != "loss" else None)
     ax.set(xlabel="step", title=k)
   fig.tight_layout()
-  path = os.path.join(workdir, "eval", "metrics.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=80)
-  return path
+  return fileio.save_figure(os.path.join(workdir, "eval", "metrics.png"), fig)
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -130,7 +130,7 @@ def get_or_train(data_config, path: str = "") -> FeatureNet:
   """The cached quick network for a dataset, trained (about a minute on CPU) if missing."""
   explicit = bool(path)
   path = path or default_path(data_config)
-  if os.path.exists(path):
+  if fileio.exists(path):
     net = load(path)
     if explicit or net.meta.get("recipe") == RECIPE:
       return net

@@ -74,8 +74,8 @@ def save_stats(path: str, stats: dict) -> str:
 
 
 def load_stats(path: str) -> dict:
-  with np.load(path, allow_pickle=False) as f:
-    return {"mu": f["mu"], "sigma": f["sigma"], **json.loads(f["meta"].tobytes().decode())}
+  f = fileio.load_npz(path)
+  return {"mu": f["mu"], "sigma": f["sigma"], **json.loads(f["meta"].tobytes().decode())}
 
 
 def main(argv):
