@@ -5,14 +5,17 @@ sharded over both axes (`batch_sharding`); parameters, EMA parameters and optimi
 replicated, or with `fsdp > 1` sharded along their largest dimension divisible by the fsdp size
 when they are at least `fsdp_min_size` elements and their path does not match `FSDP_EXCLUDE`
 (norms, biases, label embeddings: small and read whole by every device) (`state_shardings`). Host-local numpy batches become global arrays with
-`host_to_global`. Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices,
+`host_to_global`; `map_batches` runs a function (feature networks) over a host array in
+mesh-sharded batches and gathers the result on every process. Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices,
 a GPU host or a TPU pod.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import types
 from typing import Any
 
 import jax
@@ -120,6 +123,50 @@ def to_host(x: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(x, tiled=True)
   return jax.device_get(x)
+
+
+def local_mesh() -> Mesh:
+  """This process's devices as a ("data", "fsdp") mesh of data parallelism only."""
+  return make_mesh(types.SimpleNamespace(data=-1, fsdp=1), jax.local_devices())
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+  """Host arrays (the same on every process) -> global arrays with `sharding`, which may span
+  processes (each process supplies its own devices' slices)."""
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+  return jax.tree_util.tree_map(put, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded(fn, mesh: Mesh):
+  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=batch_sharding(mesh))
+
+
+def map_batches(fn, params: Any, x: np.ndarray, mesh: Mesh | None = None,
+                batch_size: int = 256) -> np.ndarray:
+  """`fn(params, x_batch) -> y_batch` over x: [N, ...] in global batches sharded over the mesh's
+  batch axes (every device, every process, computes its slice); returns y: [N, ...] as numpy on
+  every process. `x` must be the same on every process; `fn` a stable (e.g. module-level or
+  cached) pure function, so its jit is reused. The default mesh is this process's devices."""
+  mesh = mesh if mesh is not None else local_mesh()
+  if not len(x):
+    raise ValueError("map_batches needs at least one example.")
+  n = mesh.devices.size
+  b = max(n, batch_size // n * n)
+  jitted = _sharded(fn, mesh)
+  params = place(params, replicated(mesh))
+  out = []
+  for lo in range(0, len(x), b):
+    chunk = np.asarray(x[lo:lo + b])
+    real = len(chunk)
+    if real < b:  # Pad the last batch to the mesh; the padding is dropped below.
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+    y = jitted(params, place(chunk, batch_sharding(mesh)))
+    out.append(np.asarray(to_host(y))[:real])
+  return np.concatenate(out)
 
 
 def any_process(flag: bool, after: Any = None) -> bool:

@@ -154,7 +154,8 @@ def sweep(config, workdir: str) -> dict:
       fileio.save_npz(base_path, samples=base)
   final_cfg = stages[-1].config
   net = stats.extractor(final_cfg, "quick")
-  ref = stats.reference_features(final_cfg, net, final_cfg.eval.reference_examples)
+  mesh = stages[-1].exp.mesh
+  ref = stats.reference_features(final_cfg, net, final_cfg.eval.reference_examples, mesh=mesh)
   ref_mu, ref_cov = ref.mean(0), np.cov(ref, rowvar=False)
   rows = []
   for mode in ["non_truncated"] + (["truncated"] if c.sweep_truncated else []):
@@ -162,7 +163,7 @@ def sweep(config, workdir: str) -> dict:
       outs, _ = run_pipeline(stages, key, c.sweep_num, c.batch_size, levels={target: level},
                              modes={target: mode},
                              base_samples=base if mode == "non_truncated" else None)
-      f = net.features(images_lib.to_uint8(outs[-1]))
+      f = net.features(images_lib.to_uint8(outs[-1]), mesh=mesh)
       kid, kid_std = metrics.kid(f, ref, num_subsets=20, subset_size=min(len(f), len(ref)))
       rows.append({"mode": mode, "s": int(level), "quick_fd": metrics.frechet_distance(
           f.mean(0), np.cov(f, rowvar=False), ref_mu, ref_cov), "quick_kid": kid,

@@ -124,13 +124,15 @@ class Phase:
 
 
 def grow(exp: experiment.Experiment, state, new_gs: growth.GrowthState):
-  """The next architecture's experiment and the state carried over by `growth.grow_state`."""
+  """The next architecture's experiment and the state carried over by `growth.grow_state`.
+
+  The surgery runs under `jit` from the old shardings to the new ones: leaves move shard to
+  shard, also when FSDP shards span processes (no host copy of the state)."""
   logging.info("Growth at step %d: %s -> %s", int(jax.device_get(state.step)),
                exp.growth_state, new_gs)
   new = experiment.setup(exp.config, exp.workdir, new_gs, checkpointer=exp.checkpointer)
-  fresh = experiment.init_state(new)
-  grown, _ = growth.grow_state(jax.device_get(state), jax.device_get(fresh))
-  return new, jax.device_put(grown, new.shardings)
+  surgery = lambda old: growth.grow_state(old, new.init_fn(new.keys["init"]))[0]
+  return new, jax.jit(surgery, out_shardings=new.shardings)(state)
 
 
 # ------------------------------------------------------------------------------ loop

@@ -80,3 +80,23 @@ def test_partition_rule_and_mesh_errors(tiny_config):
   tiny_config.mesh.update(data=3, fsdp=2)
   with pytest.raises(ValueError, match="data=-1"):
     parallel.make_mesh(tiny_config.mesh)
+
+
+def _affine(p, x):
+  return (x.reshape(len(x), -1) @ p["w"]) + p["b"]
+
+
+def test_map_batches_is_sharded_padded_and_equal_to_one_call():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(12, 5)).astype(np.float32), "b": np.float32(0.5)}
+  x = rng.normal(size=(19, 2, 2, 3)).astype(np.float32)  # 19 = 2 full batches of 8 + 3.
+  mesh = parallel.make_mesh(type("M", (), {"data": 4, "fsdp": 2})())
+  got = parallel.map_batches(_affine, params, x, mesh, batch_size=8)
+  np.testing.assert_allclose(got, _affine(params, x), rtol=1e-5, atol=1e-5)
+  assert got.shape == (19, 5)
+  compiled = parallel._sharded(_affine, mesh).lower(
+      parallel.place(params, parallel.replicated(mesh)),
+      parallel.place(x[:8], parallel.batch_sharding(mesh))).compile()
+  assert compiled.output_shardings.spec == parallel.BATCH_SPEC  # Each device did its slice.
+  with pytest.raises(ValueError, match="at least one"):
+    parallel.map_batches(_affine, params, x[:0], mesh)

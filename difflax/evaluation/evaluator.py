@@ -99,8 +99,10 @@ class FeatureSpace:
   cov: np.ndarray
   fd_ref_name: str
 
-  def metrics(self, images: np.ndarray, k: int) -> dict:
-    f = self.net.features(images)
+  def metrics(self, images: np.ndarray, k: int, mesh=None) -> dict:
+    """Features of `images` (sharded over `mesh`, gathered on every process, so every process
+    computes the same statistics) against the references."""
+    f = self.net.features(images, mesh=mesh)
     p = self.prefix
     fd = f"{p}fd" if p else "fid"
     kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
@@ -113,15 +115,16 @@ class FeatureSpace:
             f"{p}precision_reference": self.ref_name, f"{p}recall_reference": self.ref_name}
 
 
-def feature_spaces(config) -> list[FeatureSpace]:
-  """The feature spaces `config.eval` asks for (quick, inception), references computed once."""
+def feature_spaces(config, mesh=None) -> list[FeatureSpace]:
+  """The feature spaces `config.eval` asks for (quick, inception), references computed once
+  (sharded over `mesh`)."""
   e, d = config.eval, config.data
   spaces = []
   for kind, prefix, on in (("quick", "quick_", e.quick_fd), ("inception", "", e.inception)):
     if not on:
       continue
     net = stats.extractor(config, kind)
-    ref = stats.reference_features(config, net, e.reference_examples)
+    ref = stats.reference_features(config, net, e.reference_examples, mesh=mesh)
     mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
     ref_name = f"{d.name}:{d.eval_split}:{len(ref)}"
     fd_ref_name = ref_name
@@ -147,7 +150,7 @@ class Evaluator:
     c = exp.config
     self.exp = exp
     self.bpd_fn = make_bpd_fn(exp) if c.eval.bpd and c.diffusion.type == "discrete" else None
-    self.spaces = feature_spaces(c)
+    self.spaces = feature_spaces(c, exp.mesh)
     if self.spaces:
       self.sample_fn = sampling.make_sample_fn(exp, c.train.preview_sampler,
                                                c.train.preview_steps)
@@ -162,7 +165,7 @@ class Evaluator:
       imgs, _ = sampling.generate(self.exp, self.sample_fn, params, key, c.eval.num_samples,
                                   c.sample.batch_size, cond=cond)
       for space in self.spaces:
-        result.update(space.metrics(imgs, c.eval.precision_recall_k))
+        result.update(space.metrics(imgs, c.eval.precision_recall_k, self.exp.mesh))
       result.update(num_samples=int(len(imgs)),
                     sampler=f"{c.train.preview_sampler}{c.train.preview_steps}")
     self._record(result)

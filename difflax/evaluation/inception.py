@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import fileio
+from difflax import parallel
 from difflax import trees
 
 FEATURE_DIM = 2048
@@ -224,7 +225,7 @@ def preprocess(images):
 @functools.lru_cache(maxsize=None)
 def _features_fn():
   model = InceptionV3()
-  return jax.jit(lambda p, x: model.apply({"params": p}, preprocess(x)))
+  return lambda p, x: model.apply({"params": p}, preprocess(x))
 
 
 def init_params(seed: int = 0):
@@ -242,14 +243,13 @@ class InceptionWeights:
   def label(self) -> str:
     return f"inception:{self.meta['weights_hash']}"
 
-  def features(self, images, batch_size: int = 64) -> np.ndarray:
-    """[N, H, W, 3] in [-1, 1] or uint8 -> [N, 2048] float32 pool3 features."""
+  def features(self, images, mesh=None, batch_size: int = 64) -> np.ndarray:
+    """[N, H, W, 3] in [-1, 1] or uint8 -> [N, 2048] float32 pool3 features, in batches sharded
+    over `mesh` (default: this process's devices)."""
     images = np.asarray(images)
     if images.shape[-1] != 3:
       raise ValueError(f"Inception features need RGB images [N, H, W, 3]; got {images.shape}.")
-    fn = _features_fn()
-    return np.concatenate([np.asarray(fn(self.params, jnp.asarray(images[i:i + batch_size])))
-                           for i in range(0, len(images), batch_size)])
+    return parallel.map_batches(_features_fn(), self.params, images, mesh, batch_size)
 
   def save(self, path: str) -> str:
     return fileio.save_weights(path, self.params, self.meta)

@@ -42,18 +42,18 @@ _REFERENCE_CACHE: dict = {}
 
 
 def reference_features(config, net, num: int, split: str | None = None,
-                       batch: int = 256) -> np.ndarray:
-  """[num, D] features of `num` examples of the dataset's `split` (default: eval split). Cached
-  per process by network label and data settings, so evaluators rebuilt for a new architecture
-  (progressive growth phases, cascade stages at one resolution) do not recompute them."""
+                       mesh=None) -> np.ndarray:
+  """[num, D] features of `num` examples of the dataset's `split` (default: eval split),
+  computed sharded over `mesh` (default: this process's devices). Cached per process by network
+  label and data settings, so evaluators rebuilt for a new architecture (progressive growth
+  phases, cascade stages at one resolution) do not recompute them."""
   d = config.data
   split = split or d.eval_split
   key = (net.label, d.name, d.resolution, d.folder, d.data_dir, d.num_examples, split, num,
          config.seed)
   if key not in _REFERENCE_CACHE:
     images = data_lib.sample_array(d, num, config.seed, split)
-    _REFERENCE_CACHE[key] = np.concatenate([net.features(images[lo:lo + batch])
-                                            for lo in range(0, len(images), batch)])
+    _REFERENCE_CACHE[key] = net.features(images, mesh=mesh)
   return _REFERENCE_CACHE[key]
 
 
