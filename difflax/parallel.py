@@ -183,6 +183,14 @@ def any_process(flag: bool, after: Any = None) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+def from_process_0(value: bool) -> bool:
+  """Process 0's value of a host-side decision, on every process (for decisions read from
+  files or clocks that processes could see differently)."""
+  if jax.process_count() == 1:
+    return bool(value)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
 def barrier(name: str, timeout_secs: int = 3600) -> None:
   """Every process waits here, through the coordination service rather than a device
   collective: a host still compiling (minutes for a large model) cannot make another host's

@@ -26,6 +26,7 @@ from difflax import cascade
 from difflax import experiment
 from difflax import fileio
 from difflax import images as images_lib
+from difflax import parallel
 from difflax import sampling
 from difflax.evaluation import metrics
 from difflax.evaluation import stats
@@ -146,7 +147,7 @@ def sweep(config, workdir: str) -> dict:
   key = jax.random.key(c.seed)
   base_path = os.path.join(out_dir, f"base_{stages[0].name}{stages[0].step}_seed{c.seed}_"
                            f"n{c.sweep_num}.npz")
-  if fileio.exists(base_path):
+  if parallel.from_process_0(fileio.exists(base_path)):
     base = fileio.load_npz(base_path)["samples"]
   else:
     base = stages[0].generate(jax.random.fold_in(key, 0), c.sweep_num, c.batch_size)

@@ -145,7 +145,8 @@ def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch
   out, labs, t0, done = [], [], time.perf_counter(), 0
   for i in range(num_batches):
     path = shard_dir and os.path.join(shard_dir, f"shard_{i:05d}.npz")
-    if path and fileio.exists(path):
+    # Process 0 decides what is on disk, so all processes skip (or sample) the same batches.
+    if path and parallel.from_process_0(fileio.exists(path)):
       shard = fileio.load_npz(path)
       out.append(shard["images"])
       labs.append(shard["labels"])

@@ -3,8 +3,9 @@
 #
 # Runs N processes of `python -m difflax.main` on this machine as one multi-process JAX job:
 # process 0 coordinates on a free port of 127.0.0.1, every process gets DEVICES_PER_PROCESS
-# (default 4) CPU devices and gloo collectives. This is how every multi-host code path is tested
-# on one machine, and how you try a pod configuration on a laptop, e.g.
+# (default 4) CPU devices (added to any XLA_FLAGS you set) and gloo collectives. This is how
+# every multi-host code path is tested on one machine, and how you try a pod configuration on a
+# laptop, e.g.
 #
 #   launch/local.sh 2 cascade_32_64:tiny runs/x --config.mesh.fsdp=2
 #
@@ -25,7 +26,7 @@ mkdir -p "$workdir/logs"
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 for ((i = 0; i < n; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" \
     "$python" -m difflax.main --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
     > "$workdir/logs/process_$i.log" 2>&1 &

@@ -176,8 +176,10 @@ class Evaluator:
     best_path = os.path.join(out, "best.json")
     best = fileio.read_json(best_path) if fileio.exists(best_path) else None
     key = next((k for k in BEST_KEYS if k in result), None)
-    result["is_best"] = bool(key is not None and (best is None
-                                                  or result[key] < best.get(key, np.inf)))
+    # Process 0's reading decides: another process may read best.json after process 0 rewrote
+    # it, and processes that disagree would not all enter the best checkpoint's save.
+    result["is_best"] = parallel.from_process_0(bool(
+        key is not None and (best is None or result[key] < best.get(key, np.inf))))
     if jax.process_index() == 0:
       fileio.write_json(os.path.join(out, f"eval_step{result['step']:06d}.json"), result)
       if result["is_best"]:
