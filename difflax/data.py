@@ -163,15 +163,23 @@ def folder_dataset(config) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 # --------------------------------------------------------------------------- array streams
-def array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, seed: int,
-                  start_step: int = 0, random_flip: bool = True,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Host-local batches of an in-memory dataset; batch `s` depends only on (seed, s).
+def array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
+                  **kwargs) -> Iterator[dict]:
+  """Host-local batches of an in-memory (or memory-mapped) dataset: `index_batches`."""
+  return index_batches(lambda idx: (images[idx], labels[idx]), len(images), global_batch,
+                       **kwargs)
 
-  Each epoch is a fresh permutation from `seed`; this process gets rows
-  [process_index * B/P, (process_index + 1) * B/P) of every global batch.
+
+def index_batches(read, n: int, global_batch: int, *, seed: int, start_step: int = 0,
+                  random_flip: bool = True, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Host-local batches of any dataset with random access, `read(idx: [k] int) -> (uint8
+  images [k, H, W, C], labels [k])` over n examples; batch `s` depends only on (seed, s).
+
+  Each epoch is a fresh permutation from `seed`; this process reads only rows
+  [process_index * B/P, (process_index + 1) * B/P) of every global batch. Starting at step S
+  costs one permutation, whatever S is (what makes a late resume as cheap as an early one).
   """
-  n = len(images)
   local = global_batch // process_count
   perms = {}
 
@@ -191,10 +199,11 @@ def array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, 
     flip = np.random.default_rng([seed, 1, step]).random(global_batch) < 0.5
     sl = slice(process_index * local, (process_index + 1) * local)
     idx, flip = idx[sl], flip[sl]
-    x = images[idx].astype(np.float32) / 127.5 - 1.0
+    images, labels = read(idx)
+    x = np.asarray(images).astype(np.float32) / 127.5 - 1.0
     if random_flip:
       x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    yield {"image": x, "label": labels[idx].astype(np.int32)}
+    yield {"image": x, "label": np.asarray(labels).astype(np.int32)}
     step += 1
 
 
@@ -208,13 +217,54 @@ def _tfds_builder(name: str, data_dir: str):
                                    "'embedded', 'folder', or a TFDS name such as 'cifar10'.") from e
 
 
+def tfds_reader(config, split: str):
+  """(read, n) random access to a TFDS split prepared as ArrayRecord (`tfds.data_source`), or
+  None for other file formats. `read(idx)` -> (uint8 [k, R, R, C] centre-cropped and resized
+  images, labels [k]); only the examples asked for are read."""
+  import tensorflow_datasets as tfds
+  builder = _tfds_builder(config.name, config.data_dir)
+  if not builder.is_prepared() or builder.info.file_format != (
+      tfds.core.file_adapters.FileFormat.ARRAY_RECORD):
+    return None
+  source = builder.as_data_source(split=split)
+  image_key, label_key = TFDS_KEYS.get(config.name, ("image", "label"))
+  res, channels = config.resolution, config.channels
+
+  def read(idx):
+    examples = source.__getitems__([int(i) for i in idx])
+    imgs = []
+    for ex in examples:
+      img = images_lib.center_crop_resize(ex[image_key], res)
+      if img.shape[-1] != channels:  # Grey <-> RGB as the config asks.
+        img = (np.repeat(img, 3, -1) if channels == 3
+               else np.round(img @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None])
+      imgs.append(img)
+    labels = [int(ex[label_key]) if label_key else 0 for ex in examples]
+    return np.stack(imgs), np.asarray(labels, np.int32)
+  return read, len(source)
+
+
 def tfds_batches(config, split: str, global_batch: int, *, seed: int, start_step: int = 0,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Host-local batches from a prepared TFDS dataset, deterministic in (seed, step)."""
+  """Host-local batches from a prepared TFDS dataset, deterministic in (seed, step).
+
+  ArrayRecord datasets are read by index (`tfds_reader` + `index_batches`): each process reads
+  its slice and a resume at step S costs the same at any S. Other formats (TFRecord, TFDS's
+  default) stream through tf.data, where a resume replays S batches: rebuild them with
+  `tfds build NAME --file_format=array_record` for long runs (the log says so on resume)."""
+  reader = tfds_reader(config, split)
+  if reader is not None:
+    return index_batches(*reader, global_batch, seed=seed, start_step=start_step,
+                         random_flip=config.random_flip and split == config.split,
+                         process_index=process_index, process_count=process_count)
   import tensorflow as tf
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")
   builder = _tfds_builder(config.name, config.data_dir)
+  if start_step > 0:
+    logging.warning("Resuming the TFRecord stream of %s replays %d batches; prepare it as "
+                    "ArrayRecord (tfds build %s --file_format=array_record) for O(1) resumes.",
+                    config.name, start_step, config.name)
   sub_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
   try:
     # as_dataset never downloads: an unprepared dataset fails here at once.
@@ -246,7 +296,7 @@ def tfds_batches(config, split: str, global_batch: int, *, seed: int, start_step
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed).enumerate()
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(global_batch // process_count, drop_remainder=True).skip(start_step)
-  return tfds.as_numpy(ds.prefetch(2))
+  return iter(tfds.as_numpy(ds.prefetch(2)))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -27,6 +27,8 @@ import warnings
 
 import numpy as np
 
+from difflax import images
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 RECIPE = 1  # Bump when decoding changes: cached folders are decoded again.
 DEFAULT_CACHE = os.path.join("~", ".cache", "difflax", "folders")
@@ -71,12 +73,7 @@ def decode(path: str, resolution: int, channels: int = 3,
         rgba = im.convert("RGBA")
       base = Image.new("RGBA", rgba.size, tuple(int(v) for v in background) + (255,))
       im = Image.alpha_composite(base, rgba)
-    im = im.convert("L" if channels == 1 else "RGB")
-    side = min(im.size)
-    left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize(
-        (resolution, resolution), Image.Resampling.LANCZOS)
-    return np.asarray(im, np.uint8).reshape(resolution, resolution, channels)
+    return images.center_crop_resize(im.convert("L" if channels == 1 else "RGB"), resolution)
 
 
 def cache_key(files, resolution: int, channels: int, background, skip_bad_images: bool) -> str:
