@@ -162,8 +162,9 @@ def map_batches(fn, params: Any, x: np.ndarray, mesh: Mesh | None = None,
   for lo in range(0, len(x), b):
     chunk = np.asarray(x[lo:lo + b])
     real = len(chunk)
-    if real < b:  # Pad the last batch to the mesh; the padding is dropped below.
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+    padded = -(-real // n) * n  # The last batch: padded to the device count only (one more
+    if padded > real:           # compile at most), the padding dropped below.
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padded - real, axis=0)])
     y = jitted(params, place(chunk, batch_sharding(mesh)))
     out.append(np.asarray(to_host(y))[:real])
   return np.concatenate(out)

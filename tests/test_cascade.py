@@ -2,8 +2,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config
 from difflax import cascade
 from difflax import checkpoint as ckpt_lib
 from difflax import data as data_lib
@@ -125,21 +123,6 @@ def test_stage_whose_resolution_does_not_match_its_predecessor_fails_at_load():
   c.cascade.stage = "sr_128"
   with pytest.raises(ValueError, match="is not a stage"):
     cascade.validate(c)
-
-
-def test_cli_trains_both_stages_and_samples_a_pipeline_grid(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  base = [sys.executable, "-m", "difflax.main", "--config=configs/cascade_32_64.py:tiny",
-          f"--workdir={tmp_path}"]
-  for extra in ([], ["--mode=sample"]):
-    proc = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  for stage in ("base", "sr_64"):
-    assert ckpt_lib.Checkpointer(str(tmp_path / stage / "checkpoints")).latest_step() == 4
-  (out_dir,) = [p for p in (tmp_path / "pipeline").iterdir() if p.is_dir()]
-  assert {"final.png", "base.png", "sr_64.png", "final.npz"} <= set(os.listdir(out_dir))
-  assert np.load(out_dir / "final.npz")["images"].shape == (8, 16, 16, 3)
 
 
 def test_kill_in_stage_two_resumes_it_without_retraining_stage_one(tmp_path, monkeypatch):

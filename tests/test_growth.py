@@ -1,15 +1,13 @@
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config
 from difflax import data as data_lib
 from difflax import experiment
 from difflax import growth, models, train
@@ -113,23 +111,19 @@ def final_params(workdir):
   return meta, jax.device_get(state.params)
 
 
-def test_cli_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_path,
-                                                                           monkeypatch):
+def test_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_path, monkeypatch,
+                                                                       caplog):
+  """(The CLI, previews and fsdp across processes: tests/test_multihost.py.)"""
+  c = load_config("progressive_cifar10", "tiny")
+  c.train.preview_every = 0
   ref = tmp_path / "ref"
-  proc = subprocess.run([sys.executable, "-m", "difflax.main",
-                         "--config=configs/progressive_cifar10.py:tiny", f"--workdir={ref}",
-                         "--config.train.preview_every=8"],  # One preview compile, at the end.
-                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
-                        text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stderr.count("Growth at step") == 4  # Two growths, each with its fade's end.
+  with caplog.at_level("INFO"):
+    train.run(c, str(ref))
+  assert caplog.text.count("Growth at step") == 4  # Two growths, each with its fade's end.
   meta, want = final_params(str(ref))
   assert meta["resolution"] == 16 and meta["growth"]["stage"] == 2
   assert not meta["growth"]["fading"] and "in_16" in want and "in_8" not in want
-  assert os.path.exists(ref / "samples" / "step_000008.png")
 
-  c = load_config("progressive_cifar10", "tiny")
-  c.train.preview_every = 0
   real = data_lib.make_iterator
 
   def sigterm_mid_fade(*args, **kwargs):

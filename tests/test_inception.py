@@ -1,9 +1,17 @@
 import os
 
+import types
+
+import jax
 import numpy as np
 import pytest
 
+from difflax import parallel
 from difflax.evaluation import inception
+
+# One device: these tests check the network, not sharding (tests/test_parallel.py does), and a
+# 299x299 forward padded to 8 fake devices would cost 8 images' time for each one.
+ONE = parallel.make_mesh(types.SimpleNamespace(data=1, fsdp=1), jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -14,13 +22,13 @@ def random_weights():
 
 def test_forward_on_random_init_gives_pool3_features(random_weights):
   imgs = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
-  f = random_weights.features(imgs, batch_size=2)  # Two batches: 2 + 1.
+  f = random_weights.features(imgs, ONE, batch_size=2)  # Two batches: 2 + 1.
   assert f.shape == (3, inception.FEATURE_DIM) and f.dtype == np.float32
   assert np.isfinite(f).all() and (f >= 0).all()  # Means of ReLU outputs.
   assert not np.allclose(f[0], f[1])
   # uint8 input is the same images at the edge of the framework.
   u8 = np.round((imgs + 1) * 127.5).astype(np.uint8)
-  np.testing.assert_allclose(random_weights.features(u8, batch_size=3), f, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(random_weights.features(u8, ONE, batch_size=3), f, rtol=1e-5, atol=1e-6)
 
 
 def test_npz_round_trip_keeps_weights_and_hash(random_weights, tmp_path):
@@ -28,7 +36,7 @@ def test_npz_round_trip_keeps_weights_and_hash(random_weights, tmp_path):
   loaded = inception.load_weights(path)
   assert loaded.label == random_weights.label
   imgs = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-  np.testing.assert_array_equal(loaded.features(imgs), random_weights.features(imgs))
+  np.testing.assert_array_equal(loaded.features(imgs, ONE), random_weights.features(imgs, ONE))
 
 
 def test_npz_of_another_network_is_rejected(tmp_path):

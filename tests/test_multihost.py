@@ -18,7 +18,6 @@ import pytest
 
 from conftest import REPO, load_config
 from difflax import experiment
-from difflax import train
 from difflax import writers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo test bed on Linux")
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo test bed o
 HOOKS = os.path.join(REPO, "tests", "hooks")  # sitecustomize: SIGTERM at a chosen step.
 FLAGS = ("--config.train.num_steps=8", "--config.train.log_every=1",
          "--config.train.checkpoint_every=2", "--config.train.preview_every=0",
-         "--config.train.eval_every=8", "--config.eval.bpd=False",
+         "--config.train.eval_every=8",
          "--config.optim.warmup_steps=1", "--config.mesh.data=4", "--config.mesh.fsdp=2",
          "--config.mesh.fsdp_min_size=64", "--config.sample.num=16",
          "--config.sample.batch_size=8")
@@ -53,7 +52,6 @@ def tiny_config():
   """FLAGS as a config, for runs in this (1-process, 8-device) test process."""
   c = load_config("ddpm_cifar10", "tiny")
   c.train.update(num_steps=8, log_every=1, checkpoint_every=2, preview_every=0, eval_every=8)
-  c.eval.bpd = False
   c.optim.warmup_steps = 1
   c.mesh.update(data=4, fsdp=2, fsdp_min_size=64)
   c.sample.update(num=16, batch_size=8)
@@ -82,10 +80,30 @@ def two_process_run(tmp_path_factory):
   return workdir, logs
 
 
-def test_two_processes_train_and_evaluate_like_one_process(two_process_run, tmp_path):
+def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_its_outputs(
+    two_process_run, tmp_path):
   workdir, logs = two_process_run
   assert "process 1 of 2, 4 local / 8 global devices" in logs[1]
-  train.run(tiny_config(), str(tmp_path / "sp"))
+  # The reference: the same command on 1 process x 8 devices, with a preview at the end.
+  sp = tmp_path / "sp"
+  proc = subprocess.run([sys.executable, "-m", "difflax.main", "--config=ddpm_cifar10:tiny",
+                         f"--workdir={sp}", *FLAGS, "--config.train.preview_every=8"],
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # What a CLI run leaves behind: checkpoints, TensorBoard events, the preview, its config, one
+  # metric history (training metrics, clu's steps_per_sec, compile seconds, evals), the plot,
+  # and the best eval's state apart from the keep-N rotation of checkpoints/.
+  assert os.path.isdir(sp / "checkpoints" / "8") and glob.glob(str(sp / "events.out.tfevents.*"))
+  assert os.path.exists(sp / "samples" / "step_000008.png")
+  assert json.load(open(sp / "config.json"))["train"]["num_steps"] == 8
+  assert "loss=" in proc.stderr and "compile_secs" in proc.stderr
+  history = writers.history(str(sp))
+  assert [h["step"] for h in history if "quick_fd" in h] == [8]
+  assert any("eval_bpd" in h for h in history) and any("compile_secs" in h for h in history)
+  assert any("steps_per_sec" in h for h in history)
+  assert os.path.exists(sp / "eval" / "metrics.png") and os.path.isdir(sp / "best" / "8")
+  assert json.load(open(sp / "eval" / "best.json"))["is_best"]
   loss = lambda w: [r["loss"] for r in writers.history(str(w)) if "loss" in r]
   want, got = loss(tmp_path / "sp"), loss(workdir)
   assert len(got) == 8
@@ -102,7 +120,8 @@ def test_two_processes_train_and_evaluate_like_one_process(two_process_run, tmp_
   # The eval (samples drawn sharded across processes, features extracted sharded and gathered)
   # gives the single-process quick FD.
   ev = lambda w: json.load(open(os.path.join(w, "eval", "eval_step000008.json")))
-  np.testing.assert_allclose(ev(workdir)["quick_fd"], ev(tmp_path / "sp")["quick_fd"], rtol=1e-3)
+  for k in ("quick_fd", "eval_bpd"):  # Bits/dim: eval batches sharded across processes too.
+    np.testing.assert_allclose(ev(workdir)[k], ev(tmp_path / "sp")[k], rtol=1e-3)
   assert "quick_fd=" in logs[1]  # Every process computed it (and agreed, or FD would differ).
 
 
@@ -183,8 +202,10 @@ def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tm
            "--config.stages.sr_64.train.preview_every=0"]
   logs = local_sh(2, "cascade_32_64:tiny", workdir, *flags)
   assert all(log.count("Cascade stage") == 2 for log in logs)
+  for stage in ("base", "sr_64"):
+    assert sorted(os.listdir(workdir / stage / "checkpoints")) == ["2"]
   local_sh(2, "cascade_32_64:tiny", workdir, *flags, "--mode=sample")
-  final = glob.glob(str(workdir / "pipeline" / "*" / "final.npz"))
-  assert len(final) == 1
-  imgs = np.load(final[0])["images"]
+  (out_dir,) = glob.glob(str(workdir / "pipeline" / "*"))
+  assert {"final.png", "base.png", "sr_64.png", "final.npz"} <= set(os.listdir(out_dir))
+  imgs = np.load(os.path.join(out_dir, "final.npz"))["images"]
   assert imgs.shape == (8, 16, 16, 3) and len({im.tobytes() for im in imgs}) == 8

@@ -66,7 +66,9 @@ def test_sharded_step_matches_single_device(single_device_run, data_axis, fsdp_a
   for part in ("params", "ema_params", "opt_state"):  # Adam's mu and nu included.
     for a, b in zip(jax.tree_util.tree_leaves(getattr(ref, part)),
                     jax.tree_util.tree_leaves(getattr(got, part))):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5,
+      # atol: 1 % of one Adam step at this lr. Adam's g / sqrt(v) turns the last-bit differences
+      # of near-zero gradients (another reduction order) into differences of this size.
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4,
                                  err_msg=part)
   np.testing.assert_allclose(ref_m["loss"], got_m["loss"], rtol=1e-5)
 

@@ -38,28 +38,6 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def test_cli_end_to_end_writes_checkpoint_metrics_and_png(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "difflax.main", "--config=configs/ddpm_cifar10.py:tiny",
-         f"--workdir={tmp_path}", "--config.train.num_steps=2", "--config.train.eval_every=2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert os.path.isdir(tmp_path / "checkpoints" / "2")
-  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
-  assert os.path.exists(tmp_path / "samples" / "step_000002.png")
-  assert json.load(open(tmp_path / "config.json"))["train"]["num_steps"] == 2
-  assert "loss=" in proc.stderr and "compile_secs" in proc.stderr
-  # One history through the metric writer: training metrics, clu's steps_per_sec, evals.
-  history = writers.history(str(tmp_path))
-  assert [h["step"] for h in history if "loss" in h] == [2]
-  assert [h["step"] for h in history if "quick_fd" in h] == [2]
-  assert any("eval_bpd" in h for h in history) and any("compile_secs" in h for h in history)
-  assert os.path.exists(tmp_path / "eval" / "metrics.png")
-  # The best eval's state is kept apart from the keep-N rotation of checkpoints/.
-  assert json.load(open(tmp_path / "eval" / "best.json"))["is_best"]
-  assert os.path.isdir(tmp_path / "best" / "2")
-
-
 def test_cli_config_by_name_and_override_types(tmp_path):
   """`--config=NAME` resolves to the packaged config; overrides are parsed to the field type."""
   c = config_lib.load("ddpm_cifar10:tiny", [("optim.lr", "3e-3"), ("train.num_steps", "2"),
@@ -213,6 +191,7 @@ def test_non_finite_samples_stop_like_a_nan_loss(trained, tmp_path, monkeypatch)
                                                                 state.ema_params))
   monkeypatch.setattr(experiment, "restore_trained", nan_ema)
   c = load_config("ddpm_cifar10", "tiny")
+  c.sample.seed = 7  # A tag of its own: shards of other tests' sample runs are not reused.
   with pytest.raises(FloatingPointError, match="Non-finite samples"):
     train.run(c, trained, mode="sample")
 
