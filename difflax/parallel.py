@@ -4,10 +4,13 @@ Contract: `make_mesh(config.mesh)` builds a 2-D `Mesh` with axes ("data", "fsdp"
 sharded over both axes (`batch_sharding`); parameters, EMA parameters and optimizer state are
 replicated, or with `fsdp > 1` sharded along their largest dimension divisible by the fsdp size
 when they are at least `fsdp_min_size` elements and their path does not match `FSDP_EXCLUDE`
-(norms, biases, label embeddings: small and read whole by every device) (`state_shardings`). Host-local numpy batches become global arrays with
-`host_to_global`; `map_batches` runs a function (feature networks) over a host array in
-mesh-sharded batches and gathers the result on every process. Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices,
-a GPU host or a TPU pod.
+(norms, biases, label embeddings: small and read whole by every device) (`state_shardings`).
+Host-local numpy batches become global arrays with `host_to_global`; `map_batches` runs a
+function (feature networks) over a host array in mesh-sharded batches and gathers the result on
+every process. Multi-process helpers: `any_process` (a stop flag agreed after each step),
+`from_process_0` (host-side decisions broadcast), `barrier` (coordination-service barrier).
+Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices, a GPU host or a
+TPU pod.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ steps with periodic work (metrics through clu writers, checkpoints, preview grid
 progressive growth). A SIGTERM to any process checkpoints the current step on all of them and
 returns; a non-finite loss stops the run with a message and without checkpointing the bad
 state. Progressive growth is a phase change of this loop (surgery on the state, re-jit); a
-cascade's stages are trained one after another by it. Outputs in `workdir`: config.json, checkpoints/, best/,
-metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/.
+cascade's stages are trained one after another by it. Outputs in `workdir`: config.json,
+checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/.
 
 `run(config, workdir, mode)`: train (every stage of a cascade in order), sample (`sampling` or
 `pipeline`), eval (`evaluation.evaluator`), sweep (`pipeline`).

@@ -43,7 +43,8 @@ def test_checksums_see_any_single_change_and_ignore_sharding():
     assert ckpt_lib.state_checksums({"x": y})[0]["x"] != base
   assert ckpt_lib.state_checksums({"x": x[::-1]})[0]["x"] != base
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("a", "b"))
-  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+  spec = jax.sharding.PartitionSpec("a", "b")
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
   assert ckpt_lib.state_checksums({"x": sharded})[0]["x"] == base
   _, bad = ckpt_lib.state_checksums({"ok": x, "bad": x.at[3, 3].set(jnp.nan)})
   assert bad == ["bad"]
@@ -84,7 +85,8 @@ def test_no_intact_checkpoint_says_so_and_deletes_nothing(tmp_path):
   save(ckpt, 1)
   ckpt.close()
   edit_meta(d, 1, lambda m: m["checksums"].update({"ema_params/dense/bias": 1}))
-  with pytest.raises(ckpt_lib.CheckpointCorruptError, match="step 1: 1 array.*ema_params/dense/bias"):
+  with pytest.raises(ckpt_lib.CheckpointCorruptError,
+                     match="step 1: 1 array.*ema_params/dense/bias"):
     ckpt_lib.Checkpointer(d).restore(abstract(make_state(0)))
   assert os.listdir(d + "_damaged") == ["1"]
 

@@ -28,7 +28,8 @@ def test_forward_on_random_init_gives_pool3_features(random_weights):
   assert not np.allclose(f[0], f[1])
   # uint8 input is the same images at the edge of the framework.
   u8 = np.round((imgs + 1) * 127.5).astype(np.uint8)
-  np.testing.assert_allclose(random_weights.features(u8, ONE, batch_size=3), f, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(random_weights.features(u8, ONE, batch_size=3), f, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_npz_round_trip_keeps_weights_and_hash(random_weights, tmp_path):
@@ -36,7 +37,8 @@ def test_npz_round_trip_keeps_weights_and_hash(random_weights, tmp_path):
   loaded = inception.load_weights(path)
   assert loaded.label == random_weights.label
   imgs = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-  np.testing.assert_array_equal(loaded.features(imgs, ONE), random_weights.features(imgs, ONE))
+  np.testing.assert_array_equal(loaded.features(imgs, ONE),
+                                random_weights.features(imgs, ONE))
 
 
 def test_npz_of_another_network_is_rejected(tmp_path):
