@@ -161,7 +161,8 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   from step k - 1 and ends bit-identical to the uninterrupted run."""
   workdir = tmp_path / "run"
   k = random.choice([3, 5, 7])  # Odd: k is the SIGTERM checkpoint, k - 1 a periodic one.
-  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *FLAGS, PYTHONPATH=f"{HOOKS}:{REPO}",
+  flags = (*FLAGS, "--config.train.eval_every=0")  # Evals are the first test's business.
+  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, PYTHONPATH=f"{HOOKS}:{REPO}",
                   DIFFLAX_TEST_SIGTERM_STEP=str(k))
   assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
   for log in logs:
@@ -175,7 +176,7 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   for p in np.random.default_rng(k).choice(len(data), min(4000, len(data) // 2), replace=False):
     data[p] ^= 0xA5
   open(largest, "wb").write(bytes(data))
-  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *FLAGS)
+  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags)
   assert f"checkpoints/{k} is damaged" in logs[0]
   assert os.listdir(workdir / "checkpoints_damaged") == [str(k)]
   assert_trees_equal(restore(workdir), restore(two_process_run[0]))
@@ -184,7 +185,7 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
 def test_progressive_growth_across_processes_with_fsdp(tmp_path):
   workdir = tmp_path / "grow"
   logs = local_sh(2, "progressive_cifar10:tiny", workdir, "--config.growth.fade_kind=abrupt",
-                  "--config.train.num_steps=6", "--config.train.preview_every=6",
+                  "--config.train.num_steps=6", "--config.train.preview_every=0",
                   "--config.mesh.data=4", "--config.mesh.fsdp=2",
                   "--config.mesh.fsdp_min_size=64")
   for log in logs:
@@ -195,7 +196,6 @@ def test_progressive_growth_across_processes_with_fsdp(tmp_path):
   meta = exp.checkpointer.read_meta()
   exp.close()
   assert meta["step"] == 6 and meta["resolution"] == 16 and meta["growth"]["stage"] == 2
-  assert os.path.exists(workdir / "samples" / "step_000006.png")
 
 
 def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tmp_path):
