@@ -38,7 +38,8 @@ def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: s
   logging.set_verbosity(logging.WARNING)
   c = load(arg)
   c.train.update(preview_every=0, checkpoint_every=chunk, num_steps=10**6)
-  c.eval.update(bpd=False, num_samples=num_samples, reference_examples=1000)
+  c.eval.update(bpd=False, num_samples=num_samples,
+                reference_examples=min(1000, c.data.num_examples))
   evaluator, rows, spent, step = None, [], 0.0, 0
   while spent < budget:
     c.train.num_steps = step + chunk
@@ -63,10 +64,12 @@ def main():
   p.add_argument("--chunk", type=int, default=100)
   p.add_argument("--num-samples", type=int, default=128)
   p.add_argument("--out", default="growth_convergence.png")
+  p.add_argument("--tiny", action="store_true", help="the :tiny presets (a smoke run)")
   args = p.parse_args()
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name, arg in (("progressive", ""), ("static", "static")):
+      arg = ",".join(a for a in (arg, "tiny" if args.tiny else "") if a)
       results[name] = run_preset(arg, args.budget, args.chunk, args.num_samples,
                                  os.path.join(tmp, name))
   try:
