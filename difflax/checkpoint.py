@@ -30,6 +30,7 @@ diffusion UNet's state it made each save ~2.5x slower here); this is set on orba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional
 
@@ -101,6 +102,14 @@ def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
           [k for k, (_, ok) in zip(names, out) if not ok])
 
 
+@functools.cache
+def _register_array_handler() -> None:
+  """Once per process: orbax's `jax.Array` handler with the replica-parallel threshold above."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+
+
 @dataclasses.dataclass
 class _KeepSteps:
   """orbax preservation policy: keep the given steps (the verified restore) whatever N says."""
@@ -115,9 +124,7 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items 'state' and 'meta'."""
 
   def __init__(self, directory: str, keep: int = 3):
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+    _register_array_handler()
     self.directory = fileio.path(directory)
     self.verified = _KeepSteps(set())
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(

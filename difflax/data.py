@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Iterator, Optional
 
 import jax
@@ -232,13 +231,7 @@ def tfds_reader(config, split: str):
 
   def read(idx):
     examples = source.__getitems__([int(i) for i in idx])
-    imgs = []
-    for ex in examples:
-      img = images_lib.center_crop_resize(ex[image_key], res)
-      if img.shape[-1] != channels:  # Grey <-> RGB as the config asks.
-        img = (np.repeat(img, 3, -1) if channels == 3
-               else np.round(img @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None])
-      imgs.append(img)
+    imgs = [images_lib.center_crop_resize(ex[image_key], res, channels) for ex in examples]
     labels = [int(ex[label_key]) if label_key else 0 for ex in examples]
     return np.stack(imgs), np.asarray(labels, np.int32)
   return read, len(source)

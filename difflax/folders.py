@@ -73,7 +73,7 @@ def decode(path: str, resolution: int, channels: int = 3,
         rgba = im.convert("RGBA")
       base = Image.new("RGBA", rgba.size, tuple(int(v) for v in background) + (255,))
       im = Image.alpha_composite(base, rgba)
-    return images.center_crop_resize(im.convert("L" if channels == 1 else "RGB"), resolution)
+    return images.center_crop_resize(im, resolution, channels)
 
 
 def cache_key(files, resolution: int, channels: int, background, skip_bad_images: bool) -> str:

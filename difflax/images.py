@@ -75,12 +75,15 @@ def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
   return fileio.atomic_write(path, buf.getvalue())
 
 
-def center_crop_resize(image, resolution: int):
-  """A PIL image or uint8 array [h, w, C] -> uint8 [R, R, C]: the centred square, resized with
-  Lanczos (how folder datasets and random-access TFDS examples are brought to a resolution)."""
+def center_crop_resize(image, resolution: int, channels: int | None = None):
+  """A PIL image or uint8 array [h, w, C] -> uint8 [R, R, channels] (default C): the centred
+  square, resized with Lanczos, grey <-> RGB by PIL (how folder datasets and random-access TFDS
+  examples are brought to a resolution)."""
   from PIL import Image
   im = image if isinstance(image, Image.Image) else Image.fromarray(
       np.asarray(image)[..., 0] if np.asarray(image).shape[-1] == 1 else np.asarray(image))
+  if channels is not None:
+    im = im.convert("L" if channels == 1 else "RGB")
   side = min(im.size)
   left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
   im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution),
