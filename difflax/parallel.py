@@ -8,13 +8,15 @@ when they are at least `fsdp_min_size` elements and their path does not match `F
 Host-local numpy batches become global arrays with `host_to_global`; `map_batches` runs a
 function (feature networks) over a host array in mesh-sharded batches and gathers the result on
 every process. Multi-process helpers: `any_process` (a stop flag agreed after each step),
-`from_process_0` (host-side decisions broadcast), `barrier` (coordination-service barrier).
+`from_process_0` (host-side decisions broadcast), `tree_from_process_0` / `json_from_process_0`
+(arrays / metadata only process 0 computed or read), `barrier` (coordination-service barrier).
 Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices, a GPU host or a
 TPU pod.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -193,6 +195,25 @@ def from_process_0(value: bool) -> bool:
   if jax.process_count() == 1:
     return bool(value)
   return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
+def tree_from_process_0(tree: Any) -> Any:
+  """Process 0's host arrays (`tree`: numpy leaves; other processes pass any tree of the same
+  shapes and dtypes), on every process: one copy of something only process 0 computed or
+  read (a network trained once per job, not once per host)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def json_from_process_0(obj: Any) -> Any:
+  """Process 0's JSON-able `obj` (e.g. a metadata dict), on every process."""
+  if jax.process_count() == 1:
+    return obj
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else None
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+  data = tree_from_process_0(data if data is not None else np.zeros(n, np.uint8))
+  return json.loads(bytes(data).decode())
 
 
 def barrier(name: str, timeout_secs: int = 3600) -> None:

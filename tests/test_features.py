@@ -69,3 +69,36 @@ def test_weight_files_refuse_corruption(quick_net, tmp_path):
       out.writestr(name, data_bytes)
   with pytest.raises(ValueError, match="recorded hash"):
     features.load(str(tmp_path / "bad.npz"))
+
+
+def test_on_demand_networks_are_built_once_per_machine(tmp_path, monkeypatch):
+  """`get_or_train` holds `fileio.lock` on the cache file: a second job (another test worker, a
+  sweep) waits for the first to save instead of training its own; the recipe length is part of
+  the cache key."""
+  import subprocess
+  import sys
+  from difflax import fileio
+  path = str(tmp_path / "net.npz")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from difflax import fileio\n"
+       f"with fileio.lock({path!r}):\n  print('held', flush=True); time.sleep(3)"],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  import time
+  t0 = time.perf_counter()
+  with fileio.lock(path):
+    waited = time.perf_counter() - t0
+  holder.wait()
+  assert waited > 1.5
+  c = load_config("ddpm_cifar10", "tiny")
+  trained = []
+  real = features.train_feature_net
+  monkeypatch.setattr(features, "train_feature_net",
+                      lambda d, steps: trained.append(steps) or real(d, steps=steps))
+  monkeypatch.setenv("HOME", str(tmp_path))
+  a = features.get_or_train(c.data, steps=3)
+  b = features.get_or_train(c.data, steps=3)
+  assert trained == [3] and a.weights_hash == b.weights_hash and a.meta["steps"] == 3
+  assert features.default_path(c.data, 3).endswith("_s3.npz")
+  features.get_or_train(c.data, steps=4)
+  assert trained == [3, 4]

@@ -22,7 +22,7 @@ from difflax import writers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo test bed on Linux")
 
-HOOKS = os.path.join(REPO, "tests", "hooks")  # sitecustomize: SIGTERM at a chosen step.
+HOOKS = os.path.join(REPO, "tests", "hooks")  # sitecustomize: cache writes, SIGTERM at a step.
 FLAGS = ("--config.train.num_steps=8", "--config.train.log_every=1",
          "--config.train.checkpoint_every=2", "--config.train.preview_every=0",
          "--config.train.eval_every=8",
@@ -34,7 +34,7 @@ FLAGS = ("--config.train.num_steps=8", "--config.train.log_every=1",
 def env(**extra):
   """This environment without the 8-device flag (local.sh gives each process its devices)."""
   flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
-  out = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO, XLA_FLAGS=flags)
+  out = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=f"{HOOKS}:{REPO}", XLA_FLAGS=flags)
   out.update(extra)
   return out
 
@@ -162,8 +162,7 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   workdir = tmp_path / "run"
   k = random.choice([3, 5, 7])  # Odd: k is the SIGTERM checkpoint, k - 1 a periodic one.
   flags = (*FLAGS, "--config.train.eval_every=0")  # Evals are the first test's business.
-  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, PYTHONPATH=f"{HOOKS}:{REPO}",
-                  DIFFLAX_TEST_SIGTERM_STEP=str(k))
+  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, DIFFLAX_TEST_SIGTERM_STEP=str(k))
   assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
   for log in logs:
     assert f"Stopped at step {k} after SIGTERM" in log, f"k={k}"

@@ -30,6 +30,7 @@ from difflax import parallel
 from difflax import trees
 
 FEATURE_DIM = 128
+DEFAULT_STEPS = 800
 RECIPE = 1  # Bump when the architecture or training recipe changes: cached networks retrain.
 
 
@@ -86,7 +87,7 @@ def load(path: str) -> FeatureNet:
   return FeatureNet(jax.tree.map(jnp.asarray, params), meta)
 
 
-def train_feature_net(data_config, steps: int = 800, seed: int = 0,
+def train_feature_net(data_config, steps: int = DEFAULT_STEPS, seed: int = 0,
                       batch_size: int = 64) -> FeatureNet:
   """Fixed recipe: Adam 1e-3, `steps` steps of `batch_size`, random flips, cross-entropy."""
   num_classes = max(int(data_config.num_classes), 1)
@@ -117,27 +118,51 @@ def train_feature_net(data_config, steps: int = 800, seed: int = 0,
   return FeatureNet(params, meta)
 
 
-def default_path(data_config) -> str:
-  """~/.cache/difflax/features/quick_<dataset>_<res>px_<hash of the data settings>.npz"""
+def default_path(data_config, steps: int = DEFAULT_STEPS) -> str:
+  """~/.cache/difflax/features/quick_<dataset>_<res>px_<hash of the data settings>.npz (with
+  `_s<steps>` for a recipe length other than the default)."""
   keys = ("name", "resolution", "channels", "num_classes", "num_examples", "folder", "data_dir",
           "split")
   ident = hashlib.sha256(json.dumps({k: str(data_config[k]) for k in keys}).encode()).hexdigest()
   name = data_config.name.replace("/", "_")
+  suffix = "" if steps == DEFAULT_STEPS else f"_s{steps}"
   return os.path.join(os.path.expanduser("~/.cache/difflax/features"),
-                      f"quick_{name}_{data_config.resolution}px_{ident[:8]}.npz")
+                      f"quick_{name}_{data_config.resolution}px_{ident[:8]}{suffix}.npz")
 
 
-def get_or_train(data_config, path: str = "") -> FeatureNet:
-  """The cached quick network for a dataset, trained (about a minute on CPU) if missing."""
+def get_or_train(data_config, path: str = "", steps: int = DEFAULT_STEPS) -> FeatureNet:
+  """The cached quick network for a dataset, trained (`steps` of the recipe; about a minute on
+  CPU for the default 800) if missing. An explicit `path` is used as it is.
+
+  Process 0 loads or trains it and broadcasts it, so a multi-process job trains it once and
+  every host computes features with the same weights; jobs sharing a machine (parallel test
+  workers, a sweep) train it once too (`fileio.lock`)."""
   explicit = bool(path)
-  path = path or default_path(data_config)
-  if fileio.exists(path):
-    net = load(path)
-    if explicit or net.meta.get("recipe") == RECIPE:
-      return net
-  net = train_feature_net(data_config)
-  net.save(path)
-  return net
+  path = path or default_path(data_config, steps)
+  net = None
+  if jax.process_index() == 0:
+    with fileio.lock(path):
+      if fileio.exists(path):
+        net = load(path)
+        current = net.meta.get("recipe") == RECIPE and net.meta.get("steps") == steps
+        if not (explicit or current):
+          net = None
+      if net is None:
+        net = train_feature_net(data_config, steps=steps)
+        net.save(path)
+  if jax.process_count() == 1:
+    return net
+  meta = parallel.json_from_process_0(net.meta if net else None)
+  template = net.params if net else _init_params(meta["num_classes"], data_config)
+  params = parallel.tree_from_process_0(jax.tree.map(np.asarray, template))
+  return FeatureNet(jax.tree.map(jnp.asarray, params), meta)
+
+
+def _init_params(num_classes: int, data_config):
+  """Zeros shaped like the network's params (a template to receive a broadcast into)."""
+  shape = (1, data_config.resolution, data_config.resolution, data_config.channels)
+  abstract = jax.eval_shape(Classifier(num_classes).init, jax.random.key(0), jnp.zeros(shape))
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract["params"])
 
 
 def main(argv):
@@ -147,7 +172,7 @@ def main(argv):
   f = flags.FLAGS
   config = cli.load_config()
   net = train_feature_net(config.data, steps=f.steps, seed=f.seed)
-  path = net.save(f.out or default_path(config.data))
+  path = net.save(f.out or default_path(config.data, f.steps))
   print(json.dumps({"path": path, "label": net.label, **net.meta}, indent=2))
 
 
@@ -156,6 +181,6 @@ if __name__ == "__main__":
   from difflax import cli
   cli.define_config_flag()
   flags.DEFINE_string("out", "", "Output .npz (default ~/.cache/difflax/features/...).")
-  flags.DEFINE_integer("steps", 800, "Training steps of the fixed recipe.")
+  flags.DEFINE_integer("steps", DEFAULT_STEPS, "Training steps of the fixed recipe.")
   flags.DEFINE_integer("seed", 0, "Seed of the fixed recipe.")
   cli.run(main)

@@ -29,7 +29,8 @@ def extractor(config, features: str = "quick"):
   """The feature network named by `features` for `config`: an object with `.label` and
   `.features(images [N, H, W, C] in [-1, 1] or uint8) -> [N, D]`."""
   if features == "quick":
-    return features_lib.get_or_train(config.data, config.eval.feature_net)
+    return features_lib.get_or_train(config.data, config.eval.feature_net,
+                                     config.eval.feature_steps)
   if features == "inception":
     if config.data.channels != 3:
       raise ValueError(f"Inception features need RGB data; config.data.channels="
