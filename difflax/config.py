@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       use_scale_shift_norm=False,
       num_groups=8,
+      block="res",          # Residual block: "res" (DDPM) | "mbconv" (MBConv + SE, paper 002).
+      mbconv_expansion=4,   # MBConv: 1x1 expansion of the block's output channels.
+      se_ratio=0.25,        # MBConv: squeeze-excitation width / expanded channels.
       class_conditional=False,
       label_dropout=0.1,    # Probability of the null label in training (classifier-free guidance).
       project_downsample=False,  # Downsamples change channels to the next level's (growth).
@@ -80,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
       type="discrete",      # "discrete" (DDPM) | "continuous" (Chen gamma(t)) | "ncsn" (NCSNv2)
       schedule="linear",    # Discrete betas: "linear" | "cosine"
       num_timesteps=1000,
+      beta_start=0.0,       # Linear betas' bounds; 0 = DDPM's 1e-4 / 0.02 scaled by 1000/T.
+      beta_end=0.0,
       model_output="eps",   # "eps" | "x0" | "v"
       var_type="fixed_small",  # "fixed_small" | "fixed_large" | "learned_range"
       # Continuous time (paper 003): gamma(t) specs "name:key=value,..." (schedules.parse_gamma).
@@ -138,6 +143,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       type="simple",        # "simple" | "hybrid" | "vlb"
       vlb_weight=0.001,     # lambda of the hybrid objective (improved-DDPM).
+      # Paper 002 Sec. 2.2.1 / 4.5: timesteps drawn p_t ∝ sqrt(E[L_t^2]) from a per-t history
+      # of recent losses (discrete diffusion), the loss reweighted by 1 / (T p_t).
+      timestep_sampler="uniform",  # "uniform" | "importance"
+      resampler_history=10,  # Losses kept per t; uniform until every t has them all.
+      resampler_uniform_prob=0.001,  # Mixed into p_t.
+      resampler_extra_updates=0,  # "Importance Sampling +2": no-grad loss evaluations per step
+                            # (t uniform) that refresh the history.
+      # IWDiff (paper 002 Algorithm 3): k noise draws per example, loss sum softmax(l)_i l_i.
+      iwdiff_k=1,           # 1 = off (the plain objective).
+      iwdiff_stop_gradient=True,  # Weights constant in the gradient (IWAE eq. 14).
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -149,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.0,
       grad_clip=1.0,        # Global-norm clipping; 0 disables.
+      grad_accum=1,         # Micro-batches per step (same update, 1/grad_accum the activations).
       ema_decay=0.995,
       ema_warmup=True,      # decay_t = min(decay, (1+t)/(10+t)); off in the papers' presets.
   ))
@@ -227,6 +243,21 @@ def apply_shorthands(c: ml_collections.ConfigDict, kv: dict, config_name: str) -
                         "(or override any field with --config.<path>=value).")
     block, field, typ = SHORTHANDS[k]
     c[block][field] = typ(v)
+
+
+def apply_ddpm_cifar10(c: ml_collections.ConfigDict) -> None:
+  """DDPM's CIFAR-10 setup (Ho et al. 2020, Sec. 4 and App. B), shared by the configs that start
+  from it (ddpm_cifar10:paper, dgm_cifar10:paper)."""
+  c.diffusion.update(schedule="linear", num_timesteps=1000, var_type="fixed_large")
+  c.loss.type = "simple"
+  c.data.update(name="cifar10", resolution=32, num_classes=10, batch_size=128)
+  c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 num_heads=1, dropout=0.1, num_groups=32)
+  c.optim.update(lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False)
+  c.train.update(num_steps=800_000, log_every=100, checkpoint_every=10_000,
+                 preview_every=10_000, preview_num=64, preview_steps="ddim100")
+  c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="")
+  c.eval.update(num_batches=10, batch_size=128)
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
@@ -431,6 +462,23 @@ def validate(c: Any) -> None:
   if c.model.class_conditional and c.data.num_classes <= 0:
     raise ConfigError("config.model.class_conditional=True needs a labelled dataset "
                       "(config.data.num_classes > 0).")
+  lc = c.loss
+  if lc.timestep_sampler not in ("uniform", "importance"):
+    raise ConfigError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "
+                      "'uniform', 'importance'.")
+  if lc.timestep_sampler == "importance" and c.diffusion.type != "discrete":
+    raise ConfigError("config.loss.timestep_sampler='importance' keeps a loss history per "
+                      "discrete timestep: it needs diffusion.type='discrete'.")
+  if lc.timestep_sampler == "importance" and lc.resampler_history < 1:
+    raise ConfigError(f"config.loss.resampler_history={lc.resampler_history}; it must be >= 1.")
+  if lc.resampler_extra_updates and lc.timestep_sampler != "importance":
+    raise ConfigError("config.loss.resampler_extra_updates refreshes the importance sampler's "
+                      "history: set config.loss.timestep_sampler='importance' too.")
+  if lc.iwdiff_k < 1:
+    raise ConfigError(f"config.loss.iwdiff_k={lc.iwdiff_k}; it must be >= 1 (1 = off).")
+  if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:
+    raise ConfigError(f"config.optim.grad_accum={c.optim.grad_accum} must be >= 1 and divide "
+                      f"config.data.batch_size={c.data.batch_size}.")
   growth.validate(c)
   if c.optim.name not in state_lib.OPTIMIZERS:
     raise ConfigError(f"config.optim.name={c.optim.name!r}; valid: "

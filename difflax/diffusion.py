@@ -148,7 +148,8 @@ def from_gamma(gamma_fn, num_steps: int, *, model_output: str = "eps",
 def from_config(config: Any, respacing: Any = None) -> Diffusion:
   """Diffusion from a `config.diffusion` block.
 
-  Discrete (`type="discrete"`): schedule, num_timesteps, model_output, var_type; `respacing` is a
+  Discrete (`type="discrete"`): schedule, num_timesteps (and beta_start / beta_end of a linear
+  schedule, 0 = scaled DDPM bounds), model_output, var_type; `respacing` is a
   `schedules.space_timesteps` spec ("ddim50", "250", 100, ...), a list of kept steps, or None / ""
   for the full chain.
   Continuous (`type="continuous"`): the chain of `inference_gamma` (or the training `gamma`) with
@@ -167,7 +168,10 @@ def from_config(config: Any, respacing: Any = None) -> Diffusion:
   if config.type != "discrete":
     raise ValueError(f"config.diffusion.type={config.type!r} has no Gaussian diffusion chain.")
   t_max = int(config.num_timesteps)
-  betas = schedules.get_betas(config.schedule, t_max)
+  bounds = {}
+  if config.schedule == "linear" and (config.beta_start or config.beta_end):
+    bounds = {"beta_start": config.beta_start or None, "beta_end": config.beta_end or None}
+  betas = schedules.get_betas(config.schedule, t_max, **bounds)
   timesteps = None
   if isinstance(respacing, (list, tuple)):  # Explicit kept steps (e.g. a truncated chain's).
     timesteps = sorted(int(t) for t in respacing)

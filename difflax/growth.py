@@ -106,7 +106,8 @@ def grow_state(old_state, new_state):
                ", ".join(_modules(report["added"])), len(report["dropped"]),
                ", ".join(_modules(report["dropped"])), len(opt_report["kept"]),
                len(opt_report["added"]), len(opt_report["dropped"]))
-  state = new_state.replace(step=old_state.step, params=params, ema_params=ema, opt_state=opt)
+  state = new_state.replace(step=old_state.step, params=params, ema_params=ema, opt_state=opt,
+                            resampler=old_state.resampler)  # Per-t losses: T is unchanged.
   return state, report
 
 

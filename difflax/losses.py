@@ -16,10 +16,19 @@ Continuous time (Chen, paper 003): t ~ U(0, 1), x_t = sqrt(gamma(t)) b x0 + sqrt
 (`continuous_losses`), MSE on eps / x0 / v of the scaled data b x0.
 Score matching (NCSNv2, paper 004): `dsm_loss`, Eq. 2 weighted by sigma^2 with the score
 s(x, sigma) = net(x) / sigma (Technique 3), i.e. 1/2 ||net(x + sigma z) + z||^2.
-`make_objective(config, ...)` binds one of them to a config: `objective(denoise_fn, x0, key)`.
+`make_objective(config, ...)` binds one of them to a config as an `Objective` (draw the batch's
+randomness, then evaluate terms): `objective(denoise_fn, x0, key)`.
+
+Paper 002's objectives, switches on any of them:
+  importance sampling  `resampler_init / resampler_update / resampler_probs`: improved-DDPM's
+          loss-second-moment resampler (eq. 8-9), a small pytree in the train state updated
+          inside the jitted step; t ~ p_t and the loss weighted by 1 / (T p_t).
+  IWDiff  `iwdiff_losses` / `iwdiff_weights` (Algorithm 3): k noise draws of the same (x0, t),
+          loss sum_i softmax(l)_i l_i, the weights constant in the gradient by default (eq. 14).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -98,50 +107,162 @@ def dsm_loss(score_net: DenoiseFn, x0, sigma, noise) -> dict:
   return {"loss": loss}
 
 
-def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
-                   sigmas: Optional[jax.Array] = None) -> Callable:
-  """`objective(denoise_fn, x0, key, view=None) -> per-example terms` for
-  `config.diffusion.type`; `view` maps full-resolution arrays to a growth stage's resolution.
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A config's training objective as two pure halves, so a step can draw the randomness of the
+  whole batch once and evaluate it in micro-batches (gradient accumulation) with the same result.
 
-  discrete: t ~ U{0..T-1} and `training_losses` on `diffusion`; continuous: t ~ U(0, 1) and
-  `continuous_losses`; ncsn: sigma uniform over `sigmas` and `dsm_loss` (denoise_fn is then the
-  unconditional network called with sigma).
+  draw(key, x0, resampler=None) -> {"t": [B], "weight": [B], "noise": [B, k, H, W, C]}: times
+    (chain indices, continuous times or noise-level indices), importance weights (1 unless
+    `resampler` holds a loss history: then t ~ `resampler_probs` and weight = 1 / (T p_t)) and
+    k >= 1 noise draws per example (IWDiff's k; draw 0 is the stream a k=1 objective uses).
+  terms(denoise_fn, x0, draw, view=None) -> per-example terms ([B]); "loss" unweighted.
+  Calling it, `objective(denoise_fn, x0, key, view=None, resampler=None)`, returns the terms
+  of one draw with "loss" weighted.
   """
-  c = config.diffusion
+  draw: Callable
+  terms: Callable
 
-  def data_and_noise(x0, k_noise, view):
-    # Pro-DDPM Sec. 3.1: noise drawn at full resolution, then the clean image and the noise
-    # (hence x_t and the target, both linear in them) are mapped to the stage resolution.
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    return (x0, noise) if view is None else (view(x0), view(noise))
+  def __call__(self, denoise_fn, x0, key, view=None, resampler=None) -> dict:
+    d = self.draw(key, x0, resampler)
+    terms = self.terms(denoise_fn, x0, d, view)
+    return dict(terms, loss=terms["loss"] * d["weight"])
+
+
+def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
+                   sigmas: Optional[jax.Array] = None) -> Objective:
+  """The `Objective` of `config.diffusion.type` and `config.loss`; `view` (in `terms`) maps
+  full-resolution arrays to a growth stage's resolution.
+
+  discrete: t ~ U{0..T-1} (or importance-sampled, `loss.timestep_sampler="importance"`) and
+  `training_losses` on `diffusion`; continuous: t ~ U(0, 1) and `continuous_losses`; ncsn: sigma
+  uniform over `sigmas` and `dsm_loss` (denoise_fn is then the unconditional network called with
+  sigma). `loss.iwdiff_k > 1` turns any of them into IWDiff over k noise draws (`iwdiff_losses`).
+  """
+  c, lc = config.diffusion, config.loss
+  k = int(lc.iwdiff_k)
+  if k < 1:
+    raise ValueError(f"config.loss.iwdiff_k={k}; it must be >= 1 (1 = no IWDiff).")
+
+  def uniform(t):
+    return t, jnp.ones(t.shape, jnp.float32)
 
   if c.type == "discrete":
-    def objective(denoise_fn, x0, key, view=None):
-      k_t, k_noise = jax.random.split(key)
-      t = sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps)
-      x0, noise = data_and_noise(x0, k_noise, view)
-      return training_losses(diffusion, denoise_fn, x0, t, noise,
-                             loss_type=config.loss.type, vlb_weight=config.loss.vlb_weight)
+    num_t = diffusion.num_timesteps
+
+    def draw_t(key, batch, resampler):
+      if resampler is None:
+        return uniform(sample_timesteps(key, batch, num_t))
+      # Paper 002 eq. 8-9: t ~ p_t, the loss reweighted by 1 / (T p_t) keeps its expectation.
+      p = resampler_probs(resampler, lc.resampler_uniform_prob)
+      t = jax.random.categorical(key, jnp.log(p), shape=(batch,)).astype(jnp.int32)
+      return t, 1.0 / (num_t * p[t])
+
+    def per_draw(denoise_fn, x0, t, noise):
+      return training_losses(diffusion, denoise_fn, x0, t, noise, loss_type=lc.type,
+                             vlb_weight=lc.vlb_weight)
   elif c.type == "continuous":
     gamma_fn = schedules.parse_gamma(c.gamma)
 
-    def objective(denoise_fn, x0, key, view=None):
-      k_t, k_noise = jax.random.split(key)
-      t = jax.random.uniform(k_t, (x0.shape[0],))
-      x0, noise = data_and_noise(x0, k_noise, view)
-      return continuous_losses(gamma_fn, denoise_fn, x0, t, noise,
-                               model_output=c.model_output, input_scale=c.input_scale,
-                               time_input=c.time_input)
+    def draw_t(key, batch, resampler):
+      return uniform(jax.random.uniform(key, (batch,)))
+
+    def per_draw(denoise_fn, x0, t, noise):
+      return continuous_losses(gamma_fn, denoise_fn, x0, t, noise, model_output=c.model_output,
+                               input_scale=c.input_scale, time_input=c.time_input)
   elif c.type == "ncsn":
-    def objective(denoise_fn, x0, key, view=None):
-      k_s, k_noise = jax.random.split(key)
-      sigma = sigmas[jax.random.randint(k_s, (x0.shape[0],), 0, sigmas.shape[0])]
-      x0, noise = data_and_noise(x0, k_noise, view)
-      return dsm_loss(denoise_fn, x0, sigma, noise)
+    def draw_t(key, batch, resampler):
+      return uniform(jax.random.randint(key, (batch,), 0, sigmas.shape[0]))
+
+    def per_draw(denoise_fn, x0, t, noise):
+      return dsm_loss(denoise_fn, x0, sigmas[t], noise)
   else:
     raise ValueError(f"Unknown config.diffusion.type {c.type!r}; valid: discrete, continuous, "
                      "ncsn.")
-  return objective
+
+  def draw(key, x0, resampler=None):
+    k_t, k_noise = jax.random.split(key)
+    t, weight = draw_t(k_t, x0.shape[0], resampler)
+    noise = jax.random.normal(k_noise, (x0.shape[0], k) + x0.shape[1:], x0.dtype)
+    return {"t": t, "weight": weight, "noise": noise}
+
+  def terms(denoise_fn, x0, d, view=None):
+    noise = jnp.moveaxis(d["noise"], 1, 0)  # [k, B, ...]
+    if view is not None:
+      # Pro-DDPM Sec. 3.1: noise drawn at full resolution, then the clean image and the noise
+      # (hence x_t and the target, both linear in them) are mapped to the stage resolution.
+      x0, noise = view(x0), jax.vmap(view)(noise)
+    fn = lambda x, t, n: per_draw(denoise_fn, x, t, n)
+    if k == 1:
+      return fn(x0, d["t"], noise[0])
+    return iwdiff_losses(fn, x0, d["t"], noise, stop_gradient=lc.iwdiff_stop_gradient)
+
+  return Objective(draw, terms)
+
+
+# ----------------------------------------------------------------------------- IWDiff (paper 002)
+def iwdiff_weights(draw_losses, axis: int = 0):
+  """Paper 002 Algorithm 3 lines 8-10: w_i = exp(l_i - l_max) / s over the k draws along `axis`,
+  s = sum_j exp(l_j - l_max): a softmax of the losses, finite for any loss scale."""
+  l_max = jnp.max(draw_losses, axis=axis, keepdims=True)
+  e = jnp.exp(draw_losses - l_max)
+  return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def iwdiff_losses(loss_fn: Callable, x0, t, noises, *, stop_gradient: bool = True) -> dict:
+  """IWDiff (paper 002 Algorithm 3): k noise draws `noises: [k, B, ...]` of the same x0: [B, ...]
+  and t: [B]; `loss_fn(x0, t, noise) -> terms` gives the per-draw losses l: [k, B] in one
+  network call on the k*B batch. Per example, loss = sum_i w_i l_i with w = `iwdiff_weights(l)`
+  held constant in the gradient (IWAE's estimator, eq. 14), or differentiated through with
+  `stop_gradient=False` (line 10 read literally). Other terms are averaged over the draws;
+  "iwdiff_max_weight" is the largest w_i (1/k: draws agree; 1: one draw dominates)."""
+  k = noises.shape[0]
+  terms = loss_fn(jnp.concatenate([x0] * k), jnp.concatenate([t] * k),
+                  noises.reshape((-1,) + noises.shape[2:]))
+  terms = {name: v.reshape((k, -1) + v.shape[1:]) for name, v in terms.items()}
+  losses = terms.pop("loss")
+  w = iwdiff_weights(jax.lax.stop_gradient(losses) if stop_gradient else losses, axis=0)
+  out = {name: v.mean(axis=0) for name, v in terms.items()}
+  out.update(loss=jnp.sum(w * losses, axis=0), iwdiff_max_weight=w.max(axis=0))
+  return out
+
+
+# -------------------------------------------------------------- timestep resampling (paper 002)
+def resampler_init(num_timesteps: int, history: int = 10) -> dict:
+  """An empty loss history for improved-DDPM's second-moment resampler (a train-state pytree):
+  {"losses": [T, history] float32, "count": [T] int32 (losses recorded per t so far)}."""
+  return {"losses": jnp.zeros((num_timesteps, history), jnp.float32),
+          "count": jnp.zeros((num_timesteps,), jnp.int32)}
+
+
+def resampler_update(state: dict, t, losses) -> dict:
+  """Appends each (t_j, losses_j), in order of j, to t_j's history, dropping the oldest once
+  `history` are held. t: [N] int; losses: [N] unweighted per-example losses (in a sharded step,
+  those of all devices: the gather is XLA's, with no host round-trip).
+
+  Vectorised rather than a loop over j: entry j lands in slot (count[t_j] + rank_j) mod history,
+  rank_j = the number of earlier entries with the same t, and only the newest `history` entries
+  of each t are written, so no two writes of one update hit the same slot."""
+  hist, count = state["losses"], state["count"]
+  size = hist.shape[1]
+  t = jnp.asarray(t, jnp.int32).reshape(-1)
+  losses = jnp.asarray(losses, jnp.float32).reshape(-1)
+  same = t[:, None] == t[None, :]
+  rank = jnp.sum(jnp.tril(same, k=-1), axis=1)
+  newest = rank >= jnp.sum(same, axis=1) - size
+  rows = jnp.where(newest, t, hist.shape[0])  # Out of range: dropped by the scatter.
+  hist = hist.at[rows, (count[t] + rank) % size].set(losses, mode="drop")
+  return {"losses": hist, "count": count.at[t].add(1)}
+
+
+def resampler_probs(state: dict, uniform_prob: float = 0.001):
+  """[T] probabilities of paper 002 eq. 9: uniform until every t holds a full history, then
+  p_t ∝ sqrt(mean(L_t^2)) scaled by 1 - uniform_prob, plus uniform_prob / T."""
+  hist, count = state["losses"], state["count"]
+  num_t, size = hist.shape
+  w = jnp.sqrt(jnp.mean(hist ** 2, axis=1))
+  p = w / jnp.maximum(jnp.sum(w), 1e-30) * (1.0 - uniform_prob) + uniform_prob / num_t
+  return jnp.where(jnp.all(count >= size), p, jnp.full((num_t,), 1.0 / num_t, jnp.float32))
 
 
 def bits_per_dim(d: diff_lib.Diffusion, denoise_fn: DenoiseFn, x0, key,

@@ -4,7 +4,8 @@ Contract: `make_mesh(config.mesh)` builds a 2-D `Mesh` with axes ("data", "fsdp"
 sharded over both axes (`batch_sharding`); parameters, EMA parameters and optimizer state are
 replicated, or with `fsdp > 1` sharded along their largest dimension divisible by the fsdp size
 when they are at least `fsdp_min_size` elements and their path does not match `FSDP_EXCLUDE`
-(norms, biases, label embeddings: small and read whole by every device) (`state_shardings`).
+(norms, biases, label embeddings, the importance sampler's history: small and read whole by every
+device) (`state_shardings`).
 Host-local numpy batches become global arrays with `host_to_global`; `map_batches` runs a
 function (feature networks) over a host array in mesh-sharded batches and gathers the result on
 every process. Multi-process helpers: `any_process` (a stop flag agreed after each step),
@@ -34,7 +35,7 @@ from difflax import trees
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
-FSDP_EXCLUDE = r"norm|bias|label_emb"
+FSDP_EXCLUDE = r"norm|bias|label_emb|resampler"
 
 
 def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str = "",

@@ -1,6 +1,8 @@
 """Training state and optimiser construction.
 
-Contract: `TrainState` is one pytree (step, params, ema_params, opt_state) with no RNG inside:
+Contract: `TrainState` is one pytree (step, params, ema_params, opt_state, and `resampler`, the
+importance sampler's loss history when `config.loss.timestep_sampler="importance"`, else None)
+with no RNG inside:
 randomness comes from `fold_in(base_key, step)`, so a restored state continues bit-identically.
 `make_optimizer(config.optim, num_steps)` returns (optax transformation, lr schedule);
 `init_state(model, optimizer, config, key)` is a pure function suitable for `jax.eval_shape`
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from difflax import losses
 
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw}
 
@@ -25,6 +28,7 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  resampler: Any = None  # losses.resampler_init(...) or None.
 
 
 def make_optimizer(optim_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -56,9 +60,13 @@ def dummy_inputs(config, batch: int = 1, resolution: int | None = None) -> dict:
 def init_state(model, optimizer: optax.GradientTransformation, config, key,
                resolution: int | None = None) -> TrainState:
   params = model.init({"params": key}, **dummy_inputs(config, resolution=resolution))["params"]
+  resampler = None
+  if config.loss.timestep_sampler == "importance":
+    resampler = losses.resampler_init(config.diffusion.num_timesteps,
+                                      config.loss.resampler_history)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                    opt_state=optimizer.init(params))
+                    opt_state=optimizer.init(params), resampler=resampler)
 
 
 def ema_decay_at(step, decay: float, warmup: bool):

@@ -7,18 +7,25 @@ architecture with shardings and donated state. `objective` is `losses.make_objec
 randomness (timesteps / noise levels, noise, dropout, label dropout, a cascade SR stage's
 conditioning augmentation of `batch["low_res"]`) is
 `fold_in(base_key, state.step)`, so the step is a function of (state, batch)
-alone. Metrics are batch means: loss, mse and/or vb (bits/dim), grad_norm, lr. A progressive
+alone. `objective.draw` draws the whole batch's timesteps and noise first (importance-sampled
+from `state.resampler` when it holds a loss history, whose update with the batch's losses happens
+inside the step), then the loss and gradient are taken in one pass or in `optim.grad_accum`
+micro-batches (`_accumulate`, same result). Metrics are batch means: loss (importance-weighted
+when sampling by importance; `loss_unweighted` beside it), mse and/or vb (bits/dim), grad_norm,
+lr, and IWDiff's `iwdiff_max_weight`. A progressive
 growth stage (`growth_state`) trains at its resolution through `growth.stage_view` and feeds the
 fade weight of Eq. 13 at `state.step` while its new level fades in.
 """
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
 
 from difflax import cascade
 from difflax import growth
+from difflax import losses
 from difflax import models
 from difflax import state as state_lib
 
@@ -29,6 +36,8 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
   gs = growth_state or growth.GrowthState()
   view = growth.stage_view(config, gs)
   num_classes = config.data.num_classes if config.model.class_conditional else 0
+  accum = int(config.optim.grad_accum)
+  extra_updates = int(config.loss.resampler_extra_updates)
 
   def train_step(state: state_lib.TrainState, batch: dict):
     x0 = batch["image"]
@@ -51,14 +60,32 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
                                                  config)
       cond = {"low_res": low_res, "aug_level": level}
 
-    def loss_fn(params):
+    draw = objective.draw(k_obj, x0, state.resampler)
+
+    def loss_fn(params, x0, draw, labels, cond, k_drop):
       def denoise_fn(x_t, t_model):
         return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop},
                      **cond, **fade)
-      terms = objective(denoise_fn, x0, k_obj, view=obj_view)
-      return terms["loss"].mean(), terms
+      terms = objective.terms(denoise_fn, x0, draw, view=obj_view)
+      return jnp.mean(terms["loss"] * draw["weight"]), terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    inputs = (x0, draw, labels, cond)
+    if accum == 1:
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *inputs,
+                                                                       k_drop)
+    else:
+      (loss, terms), grads = _accumulate(loss_fn, state.params, inputs, k_drop, accum)
+    resampler = state.resampler
+    if resampler is not None:
+      # improved-DDPM updates the history with the unweighted losses of the whole global batch.
+      resampler = losses.resampler_update(resampler, draw["t"],
+                                          jax.lax.stop_gradient(terms["loss"]))
+      for j in range(extra_updates):
+        # Table 4.4's "Importance Sampling +2": forward passes only. The paper does not say how
+        # their t are drawn; uniform t refreshes the timesteps p_t rarely visits.
+        extra = objective.draw(jax.random.fold_in(k_obj, j + 1), x0)
+        extra_terms = loss_fn(state.params, x0, extra, labels, cond, k_drop)[1]
+        resampler = losses.resampler_update(resampler, extra["t"], extra_terms["loss"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = state_lib.ema_decay_at(state.step, config.optim.ema_decay, config.optim.ema_warmup)
@@ -66,10 +93,33 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
                                  state.ema_params, params)
     metrics = {k: v.mean() for k, v in terms.items() if k != "loss"}
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step))
+    if resampler is not None:
+      metrics["loss_unweighted"] = terms["loss"].mean()
     if gs.fading:
       metrics["fade_weight"] = fade["fade_weight"]
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state)
+                              opt_state=opt_state, resampler=resampler)
     return new_state, metrics
 
   return train_step
+
+
+def _accumulate(loss_fn, params, inputs, k_drop, micro: int):
+  """`value_and_grad(loss_fn)` of the whole batch, computed over `micro` micro-batches in a
+  `lax.scan`: the same mean loss and gradient (to float rounding) with 1/micro of the
+  activations. Micro-batch i holds examples i, i + micro, ... so each stays spread over every
+  device of the batch axis. Randomness was drawn for the whole batch first (`Objective.draw`);
+  only dropout masks differ from the one-pass step (key folded with i)."""
+  split = lambda a: einops.rearrange(a, "(b m) ... -> m b ...", m=micro)
+  parts = jax.tree_util.tree_map(split, inputs)
+
+  def body(acc, xs):
+    i, part = xs
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, *part, jax.random.fold_in(k_drop, i))
+    return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), terms
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  (loss, grads), terms = jax.lax.scan(body, zero, (jnp.arange(micro), parts))
+  terms = jax.tree_util.tree_map(lambda a: einops.rearrange(a, "m b ... -> (b m) ..."), terms)
+  return (loss / micro, terms), jax.tree_util.tree_map(lambda g: g / micro, grads)

@@ -96,3 +96,112 @@ def test_dsm_loss_closed_form():
   np.testing.assert_allclose(exact["loss"], 0.0, atol=1e-5)
   zero = losses.dsm_loss(lambda x, s: jnp.zeros_like(x), x0, sigma, noise)
   np.testing.assert_allclose(zero["loss"], 0.5 * (noise ** 2).sum(axis=(1, 2, 3)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------- paper 002: importance sampling
+def sequential_history(num_t, size, updates):
+  """improved-DDPM's LossSecondMomentResampler.update_with_all_losses, entry by entry."""
+  hist, count = np.zeros((num_t, size)), np.zeros(num_t, int)
+  for ts, ls in updates:
+    for t, l in zip(ts, ls):
+      if count[t] >= size:
+        hist[t, :-1] = hist[t, 1:]
+        hist[t, -1] = l
+      else:
+        hist[t, count[t]] = l
+      count[t] += 1
+  return hist, count
+
+
+def test_resampler_keeps_the_newest_losses_of_each_t_in_order():
+  rng = np.random.default_rng(0)
+  updates = [(rng.integers(0, 4, 9), rng.random(9).astype(np.float32)) for _ in range(5)]
+  updates.append((np.array([2] * 7), np.arange(7, dtype=np.float32)))  # More than `history`.
+  state = losses.resampler_init(4, history=3)
+  update = jax.jit(losses.resampler_update)
+  for t, l in updates:
+    state = update(state, t, l)
+  want, count = sequential_history(4, 3, updates)
+  np.testing.assert_array_equal(state["count"], count)
+  # A ring buffer: the same losses per t (the order inside a row does not enter p_t).
+  np.testing.assert_allclose(np.sort(state["losses"], 1), np.sort(want, 1), rtol=1e-6)
+  np.testing.assert_array_equal(np.sort(state["losses"][2]), [4, 5, 6])
+
+
+def test_resampler_is_uniform_until_every_t_has_its_history_then_follows_eq_9():
+  state = losses.resampler_init(5, history=2)
+  state = losses.resampler_update(state, jnp.array([0, 1, 2, 3, 4, 0, 1, 2, 3]),
+                                  jnp.arange(1.0, 10.0))
+  np.testing.assert_allclose(losses.resampler_probs(state), np.full(5, 0.2))  # t=4: one loss.
+  hist = np.array([[1, 1], [2, 2], [3, 4], [0.5, 0.5], [6, 8]], np.float32)
+  state = {"losses": jnp.asarray(hist), "count": jnp.full((5,), 2, jnp.int32)}
+  w = np.sqrt((hist.astype(np.float64) ** 2).mean(1))
+  want = w / w.sum() * (1 - 0.001) + 0.001 / 5
+  p = losses.resampler_probs(state, uniform_prob=0.001)
+  np.testing.assert_allclose(p, want, rtol=1e-6)
+  np.testing.assert_allclose(float(p.sum()), 1.0, rtol=1e-6)
+
+
+def test_importance_weighted_loss_is_an_unbiased_estimate_of_the_uniform_mean():
+  """E_{t~p}[L_t / (T p_t)] = mean_t L_t for any p (eq. 8): exactly as a sum, and for the
+  draws of the objective itself as a Monte Carlo average."""
+  from conftest import load_config
+  c = load_config("ddpm_cifar10", "tiny")
+  c.diffusion.update(num_timesteps=6, schedule="cosine")
+  c.loss.timestep_sampler = "importance"
+  table = jnp.array([4.0, 2.0, 1.0, 0.5, 0.25, 0.1])  # A fixed L_t.
+  hist = jnp.stack([table, 0.5 * table], axis=1) + 0.05
+  state = {"losses": hist, "count": jnp.full((6,), 2, jnp.int32)}
+  p = losses.resampler_probs(state, 0.001)
+  assert float(jnp.max(p) / jnp.min(p)) > 10  # Far from uniform.
+  np.testing.assert_allclose(float(jnp.sum(p * table / (6 * p))), float(table.mean()),
+                             rtol=1e-6)
+  obj = losses.make_objective(c, D.from_config(c.diffusion))
+  draw = jax.jit(lambda key: obj.draw(key, jnp.zeros((20_000, 2, 2, 1)), state))(
+      jax.random.key(0))
+  est = np.asarray(table[draw["t"]] * draw["weight"])
+  assert abs(est.mean() - float(table.mean())) < 4 * est.std() / np.sqrt(est.size)
+  np.testing.assert_allclose(np.bincount(np.asarray(draw["t"]), minlength=6) / 20_000, p,
+                             atol=0.01)
+
+
+# ------------------------------------------------------------------------------ paper 002: IWDiff
+def test_iwdiff_weights_are_a_stable_softmax_over_the_draws():
+  l = jnp.array([[1.0, 1e4], [2.0, 1e4 + 1.0], [0.5, 1e4 - 3.0]])  # [k=3, B=2]
+  w = losses.iwdiff_weights(l, axis=0)
+  assert np.isfinite(w).all()
+  np.testing.assert_allclose(w, jax.nn.softmax(l, axis=0), rtol=1e-6)
+  np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
+
+
+def test_iwdiff_with_one_draw_is_the_plain_objective():
+  d, x0, noise, t, _ = setup("fixed_small")
+  net = lambda x, tt: 0.3 * x + 0.01 * tt[:, None, None, None]
+  fn = lambda x, tt, n: losses.training_losses(d, net, x, tt, n, loss_type="simple")
+  plain = fn(x0, t, noise)
+  iw = losses.iwdiff_losses(fn, x0, t, noise[None])
+  np.testing.assert_array_equal(iw["loss"], plain["loss"])
+  np.testing.assert_array_equal(iw["mse"], plain["mse"])
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_iwdiff_gradient_matches_the_hand_written_estimator(stop_gradient):
+  """Toy loss l_i(theta) = ||theta * x - n_i||^2 per draw. Weights held constant (eq. 14):
+  grad = sum_i w_i dl_i. Differentiated through (Algorithm 3 line 10 literally):
+  grad = sum_i w_i (1 + l_i - sum_j w_j l_j) dl_i."""
+  k = jax.random.split(jax.random.key(1), 2)
+  x = jax.random.normal(k[0], (2, 3))              # B=2 examples.
+  n = jax.random.normal(k[1], (4, 2, 3))           # k=4 draws.
+  fn = lambda theta: (lambda xx, tt, nn: {"loss": jnp.sum((theta * xx - nn) ** 2, axis=-1)})
+  total = lambda theta: losses.iwdiff_losses(fn(theta), x, jnp.zeros(2), n,
+                                             stop_gradient=stop_gradient)["loss"].sum()
+  theta = 0.7
+  got = jax.grad(total)(theta)
+  l = np.asarray(jnp.sum((theta * x[None] - n) ** 2, axis=-1))           # [k, B]
+  dl = np.asarray(jnp.sum(2 * (theta * x[None] - n) * x[None], axis=-1))  # [k, B]
+  w = np.exp(l - l.max(0)) / np.exp(l - l.max(0)).sum(0)
+  if stop_gradient:
+    want = (w * dl).sum()
+  else:
+    want = (w * (1 + l - (w * l).sum(0)) * dl).sum()
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)

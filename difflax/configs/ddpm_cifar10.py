@@ -21,15 +21,7 @@ def get_config(arg=None):
   c.loss.type = "simple"
 
   if "paper" in presets:
-    # Ho et al. 2020, Sec. 4 and App. B.
-    c.data.update(name="cifar10", resolution=32, num_classes=10, batch_size=128)
-    c.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                   num_heads=1, dropout=0.1, num_groups=32)
-    c.optim.update(lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999, ema_warmup=False)
-    c.train.update(num_steps=800_000, log_every=100, checkpoint_every=10_000,
-                   preview_every=10_000, preview_num=64, preview_steps="ddim100")
-    c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="")
-    c.eval.update(num_batches=10, batch_size=128)
+    config_lib.apply_ddpm_cifar10(c)
   elif "tiny" in presets:
     config_lib.apply_tiny(c)
   else:

@@ -43,7 +43,7 @@ class DownLevel(nn.Module):
   def __call__(self, h, emb, train):
     skips = []
     for i in range(self.num_res_blocks):
-      h = layers.ResBlock(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
+      h = layers.make_block(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
           h, emb, train)
       if self.use_attn:
         h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
@@ -64,7 +64,7 @@ class UpLevel(nn.Module):
   def __call__(self, h, skips, emb, train):
     for i in range(self.num_res_blocks + 1):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
-      h = layers.ResBlock(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
+      h = layers.make_block(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
           h, emb, train)
       if self.use_attn:
         h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
@@ -84,6 +84,9 @@ class UNet(nn.Module):
   dropout: float = 0.0
   use_scale_shift_norm: bool = False
   num_groups: int = 32
+  block: str = "res"            # "res" (DDPM) | "mbconv" (MBConv + SE, paper 002 Sec. 4.4).
+  mbconv_expansion: int = 4
+  se_ratio: float = 0.25
   learn_sigma: bool = False
   out_channels: Optional[int] = None
   num_classes: int = 0
@@ -128,8 +131,10 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
     emb = emb.astype(self.dtype)
 
-    block_kwargs = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                        num_groups=self.num_groups)
+    block_kwargs = dict(kind=self.block, dropout=self.dropout,
+                        use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups)
+    if self.block == "mbconv":
+      block_kwargs.update(expansion=self.mbconv_expansion, se_ratio=self.se_ratio)
     attn_kwargs = dict(num_heads=self.num_heads, head_channels=self.head_channels,
                        num_groups=self.num_groups)
     resolutions = [full_res // 2 ** i for i in range(levels)]
@@ -166,9 +171,11 @@ class UNet(nn.Module):
         skips.append(h)
 
     mid_ch = self.ch * self.ch_mult[-1]
-    h = layers.ResBlock(mid_ch, dtype=self.dtype, name="mid_res_0", **block_kwargs)(h, emb, train)
+    h = layers.make_block(mid_ch, dtype=self.dtype, name="mid_res_0", **block_kwargs)(h, emb,
+                                                                                      train)
     h = layers.AttentionBlock(dtype=self.dtype, name="mid_attn", **attn_kwargs)(h)
-    h = layers.ResBlock(mid_ch, dtype=self.dtype, name="mid_res_1", **block_kwargs)(h, emb, train)
+    h = layers.make_block(mid_ch, dtype=self.dtype, name="mid_res_1", **block_kwargs)(h, emb,
+                                                                                      train)
 
     old_out = None
     for i in reversed(active):
