@@ -192,6 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
       clip_denoised=True,
       use_ema=True,
       seed=0,
+      # Surrogate Diffusion (paper 002 Algorithm 4): start each chain at training timestep
+      # surrogate_t_mid from another model's samples (an .npz of images or a difflax workdir,
+      # e.g. a lower-resolution model: resized bilinearly), saving T - t_mid model evaluations.
+      surrogate="",
+      surrogate_t_mid=500,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -353,6 +358,26 @@ def load(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections
   return c
 
 
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The locked, validated config recorded as a workdir's config.json (single-model configs):
+  `base_config()` updated field by field, JSON lists back to the tuples they were."""
+  if "stages" in values:
+    raise ConfigError("This config.json is a cascade's; load one stage by sampling it to an "
+                      ".npz (--mode=sample) instead.")
+  c = base_config()
+
+  def merge(node, vals, where):
+    for k, v in vals.items():
+      if k not in node:
+        raise _unknown_key(node, k, where)
+      if isinstance(node[k], ml_collections.ConfigDict):
+        merge(node[k], v, f"{where}.{k}")
+      else:
+        node[k] = tuple(v) if isinstance(node[k], tuple) else v
+  merge(c, values, "config")
+  return finalize(c)
+
+
 def _unknown_key(node: ml_collections.ConfigDict, key: str, where: str) -> ConfigError:
   """Names the block, the closest valid key and the block's keys (`key` "" : a block itself)."""
   keys = sorted(node.keys())
@@ -462,6 +487,12 @@ def validate(c: Any) -> None:
   if c.model.class_conditional and c.data.num_classes <= 0:
     raise ConfigError("config.model.class_conditional=True needs a labelled dataset "
                       "(config.data.num_classes > 0).")
+  if c.sample.surrogate and not (c.diffusion.type == "discrete" and
+                                 0 <= c.sample.surrogate_t_mid <= c.diffusion.num_timesteps):
+    raise ConfigError("config.sample.surrogate starts a discrete chain at "
+                      "config.sample.surrogate_t_mid, which must lie in [0, "
+                      f"num_timesteps={c.diffusion.num_timesteps}] (got "
+                      f"{c.sample.surrogate_t_mid}, diffusion.type={c.diffusion.type!r}).")
   lc = c.loss
   if lc.timestep_sampler not in ("uniform", "importance"):
     raise ConfigError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "

@@ -13,6 +13,8 @@ the update. Per-step noise is `fold_in(step_key, i)` for chain index i in both D
 DDIM with eta=1 reproduces ancestral sampling with fixed-small variance step for step.
 Continuous-time schedules sample through the same two functions on `diffusion.from_gamma`'s chain.
 Score models (NCSNv2) use `annealed_langevin(score_net, sigmas, shape, key, ...)`.
+Surrogate Diffusion (paper 002 Algorithm 4): `surrogate_start` noises another model's samples to
+chain step t_mid and the same samplers finish the chain from there (`start_at`).
 """
 from __future__ import annotations
 
@@ -32,12 +34,17 @@ def _init(d: diff_lib.Diffusion, shape, key, x_T):
   return x, step_key
 
 
-def _chain(d: diff_lib.Diffusion, stop_at: int) -> jax.Array:
-  """Chain indices the reverse process visits: T-1 down to `stop_at` + 1. The result is then at
-  the noise level of index `stop_at` (a truncated chain, CDM Sec. 3.2), or clean for -1."""
+def _chain(d: diff_lib.Diffusion, stop_at: int, start_at: Optional[int] = None) -> jax.Array:
+  """Chain indices the reverse process visits: `start_at` (default T-1: x is x_T) down to
+  `stop_at` + 1. The result is then at the noise level of index `stop_at` (a truncated chain,
+  CDM Sec. 3.2), or clean for -1. A start below T-1 continues from an intermediate x (Surrogate
+  Diffusion, `surrogate_start`)."""
+  start_at = d.num_timesteps - 1 if start_at is None else start_at
   if not -1 <= stop_at < d.num_timesteps - 1:
     raise ValueError(f"stop_at={stop_at} outside [-1, {d.num_timesteps - 2}].")
-  return jnp.arange(d.num_timesteps - 1, stop_at, -1)
+  if not stop_at <= start_at < d.num_timesteps:
+    raise ValueError(f"start_at={start_at} outside [stop_at={stop_at}, {d.num_timesteps - 1}].")
+  return jnp.arange(start_at, stop_at, -1)
 
 
 def _predict(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, x, i, clip_denoised: bool):
@@ -48,7 +55,7 @@ def _predict(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, x, i, clip_denoised: 
 
 def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
                 clip_denoised: bool = True, x_T: Optional[jax.Array] = None,
-                stop_at: int = -1) -> jax.Array:
+                stop_at: int = -1, start_at: Optional[int] = None) -> jax.Array:
   """Ancestral sampling (DDPM Algorithm 2) with the configured reverse variance. x: shape."""
   x, step_key = _init(d, shape, key, x_T)
 
@@ -58,13 +65,13 @@ def ddpm_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *,
     x = out.mean + (i > 0) * jnp.exp(0.5 * out.log_variance) * z
     return x, None
 
-  x, _ = jax.lax.scan(body, x, _chain(d, stop_at))
+  x, _ = jax.lax.scan(body, x, _chain(d, stop_at, start_at))
   return x
 
 
 def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta: float = 0.0,
                 clip_denoised: bool = True, x_T: Optional[jax.Array] = None,
-                stop_at: int = -1) -> jax.Array:
+                stop_at: int = -1, start_at: Optional[int] = None) -> jax.Array:
   """DDIM (Song et al. 2021, Eq. 12): eta=0 deterministic, eta=1 the ancestral DDPM chain."""
   x, step_key = _init(d, shape, key, x_T)
 
@@ -77,8 +84,23 @@ def ddim_sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, eta
     z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)
     return mean + (i > 0) * sigma * z, None
 
-  x, _ = jax.lax.scan(body, x, _chain(d, stop_at))
+  x, _ = jax.lax.scan(body, x, _chain(d, stop_at, start_at))
   return x
+
+
+def surrogate_start(key, d: diff_lib.Diffusion, x0_surrogate, t_mid: int) -> jax.Array:
+  """Surrogate Diffusion (paper 002 Algorithm 4, line 2): x_{t_mid} ~ q(x_{t_mid} | x0_surrogate)
+  under chain `d`, where t_mid counts chain steps (0 ... T): the reverse chain then runs its
+  last t_mid steps, chain indices t_mid - 1 ... 0 (`sample(..., x_T=x, start_at=t_mid - 1)`),
+  instead of all T. t_mid = 0 returns the surrogate's samples themselves; t_mid = T starts from
+  q(x_T | x0), which the forward process makes (nearly) the prior. x0_surrogate: [B, H, W, C]."""
+  if not 0 <= t_mid <= d.num_timesteps:
+    raise ValueError(f"t_mid={t_mid} outside [0, T={d.num_timesteps}].")
+  if t_mid == 0:
+    return x0_surrogate
+  t = jnp.full((x0_surrogate.shape[0],), t_mid - 1, jnp.int32)
+  noise = jax.random.normal(key, x0_surrogate.shape, x0_surrogate.dtype)
+  return diff_lib.q_sample(d, x0_surrogate, t, noise)
 
 
 def annealed_langevin(score_net: Callable, sigmas, shape, key, *, step_size: float,
@@ -123,12 +145,14 @@ def get_sampler(name: str) -> Callable:
 
 def sample(denoise_fn: DenoiseFn, d: diff_lib.Diffusion, shape, key, *, method: str = "ddim",
            eta: float = 0.0, clip_denoised: bool = True,
-           x_T: Optional[jax.Array] = None, stop_at: int = -1) -> jax.Array:
+           x_T: Optional[jax.Array] = None, stop_at: int = -1,
+           start_at: Optional[int] = None) -> jax.Array:
   """Dispatches to the sampler registered as `method` ("ddpm" or "ddim"). `stop_at` >= 0 returns
-  the intermediate x at chain index `stop_at` instead of x0."""
+  the intermediate x at chain index `stop_at` instead of x0; `start_at` < T-1 starts from x_T
+  given at that chain index (`surrogate_start`)."""
   kwargs = {"eta": eta} if method == "ddim" else {}
   return get_sampler(method)(denoise_fn, d, shape, key, clip_denoised=clip_denoised, x_T=x_T,
-                             stop_at=stop_at, **kwargs)
+                             stop_at=stop_at, start_at=start_at, **kwargs)
 
 
 def classifier_free_guidance(apply_fn: Callable, labels: jax.Array, null_label: int,

@@ -9,7 +9,9 @@ per-batch shards on disk that an interrupted run reloads instead of resampling;
 cascade pipeline (an SR stage's conditioning from eval images, a fading growth stage's weight).
 `sample(config, workdir)` is `--mode=sample`: the latest checkpoint's EMA params ->
 `config.sample.num` images as a PNG grid and an `.npz` of uint8, under a tag naming everything
-that changes the images.
+that changes the images. With `sample.surrogate` (an `.npz` of images or another workdir) the
+chains start at `sample.surrogate_t_mid` from the surrogate's noised samples (paper 002
+Algorithm 4; `surrogate_images`, `surrogate_steps`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import cascade
+from difflax import config as config_lib
 from difflax import data as data_lib
 from difflax import diffusion as diff_lib
 from difflax import experiment
@@ -61,14 +64,17 @@ def _truncated_chain(c, respacing, truncate_level: int):
 
 
 def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta: float = 0.0,
-                   guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0):
+                   guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0,
+                   surrogate_t_mid: Optional[int] = None):
   """Jitted `(params, key, labels: [B], cond: dict) -> images [B, H, W, C]`, sharded over the
   batch axes. `cond` is {} or per-sample model inputs (`model_conditions`, a cascade stage's).
 
   The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
   batch over devices. Score models sample with annealed Langevin dynamics and ignore method /
   respacing; continuous-time models return x0 = (b x0) / b. With `truncate_level` s > 0 the
-  chain stops at z_s (`_truncated_chain`).
+  chain stops at z_s (`_truncated_chain`). With `surrogate_t_mid` (a timestep of the training
+  chain, paper 002 Algorithm 4) `cond["x0_surrogate"]` is noised to that level and only the
+  chain steps below it run (`surrogate_steps`).
   """
   c = exp.config
   stop_at = -1
@@ -78,12 +84,25 @@ def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta:
     d, stop_at = _truncated_chain(c, respacing, truncate_level)
   else:
     d = diff_lib.from_config(c.diffusion, respacing=respacing)
+  start = None
+  if surrogate_t_mid is not None:
+    if d is None or c.diffusion.type != "discrete" or truncate_level:
+      raise ValueError("Surrogate Diffusion starts a discrete diffusion chain midway; this "
+                       "sampler is not one (score model, continuous time or truncated chain).")
+    start = surrogate_steps(d, surrogate_t_mid)
   model_apply = models.make_apply(exp.model, c)
   num_classes = c.data.num_classes if c.model.class_conditional else 0
   shape_hw = (exp.resolution, exp.resolution, c.data.channels)
   sharding = exp.batch_sharding
 
   def sample_fn(params, key, labels, cond):
+    x_T = start_at = None
+    if start is not None:
+      cond = dict(cond)
+      k_start, key = jax.random.split(key)
+      x_T = samplers.surrogate_start(k_start, d, cond.pop("x0_surrogate"), start)
+      start_at = start - 1
+
     def apply(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
       # Guidance doubles the batch; the conditioning image goes with both halves.
@@ -102,11 +121,56 @@ def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta:
     else:
       denoise = lambda x, t: apply(x, t, labels)
     x = samplers.sample(denoise, d, shape, key, method=method, eta=eta,
-                        clip_denoised=clip_denoised, stop_at=stop_at)
+                        clip_denoised=clip_denoised, x_T=x_T, stop_at=stop_at, start_at=start_at)
     return x / c.diffusion.input_scale
 
   return jax.jit(sample_fn, in_shardings=(exp.shardings.params, None, sharding, sharding),
                  out_shardings=sharding)
+
+
+def surrogate_steps(d: diff_lib.Diffusion, t_mid: int) -> int:
+  """Chain steps of `d` below training timestep `t_mid` (paper 002's t_mid of a T-step chain):
+  t_mid itself on the full chain, fewer on a respaced one, whose kept step j - 1 is then the
+  last one below t_mid. These are the model evaluations a surrogate-started sample costs."""
+  if not 0 <= t_mid <= int(np.max(d.timestep_map)) + 1:
+    raise ValueError(f"sample.surrogate_t_mid={t_mid} outside [0, T].")
+  return int(np.sum(np.asarray(d.timestep_map) < t_mid))
+
+
+def surrogate_images(source: str, num: int, resolution: int, channels: int,
+                     seed: int = 0) -> np.ndarray:
+  """[num, resolution, resolution, channels] float32 in [-1, 1]: the surrogate's samples
+  x0~ of paper 002 Algorithm 4 line 1, from `source`: an `.npz` with `images` (uint8 or
+  [-1, 1] floats; e.g. another run's `--mode=sample` output) or a difflax workdir, whose EMA
+  model is sampled here with its own config's sampler. Smaller images are resized bilinearly
+  (the paper's DDPM-16 surrogate)."""
+  if source.endswith(".npz"):
+    arrays = fileio.load_npz(source)
+    if "images" not in arrays:
+      raise ValueError(f"{source} has no 'images' array (it has {sorted(arrays)}).")
+    x = arrays["images"]
+    x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  else:
+    meta = os.path.join(source, "config.json")
+    if not fileio.exists(meta):
+      raise FileNotFoundError(f"Surrogate {source!r} is neither an .npz of images nor a difflax "
+                              "workdir (no config.json): train it first or sample it to .npz.")
+    sc = config_lib.from_dict(fileio.read_json(meta))
+    exp, state = experiment.restore_trained(sc, source)
+    s = sc.sample
+    fn = make_sample_fn(exp, s.sampler, s.steps, s.eta, s.guidance, s.clip_denoised)
+    key = jax.random.key(seed)
+    x, _ = generate(exp, fn, state.ema_params if s.use_ema else state.params, key, num,
+                    s.batch_size, cond=model_conditions(exp, num, key), as_uint8=False)
+    exp.close()
+    logging.info("Surrogate: %d samples of %s (%dx%d).", len(x), source, x.shape[1], x.shape[2])
+  if len(x) < num or x.ndim != 4 or x.shape[-1] != channels:
+    raise ValueError(f"Surrogate {source!r} gives images {x.shape}; need at least {num} with "
+                     f"{channels} channels.")
+  x = x[:num]
+  if x.shape[1:3] != (resolution, resolution):
+    x = np.asarray(jax.image.resize(x, (num, resolution, resolution, channels), "bilinear"))
+  return np.clip(x, -1.0, 1.0)
 
 
 def model_conditions(exp: experiment.Experiment, num: int, key,
@@ -185,20 +249,38 @@ def sample(config, workdir: str) -> dict:
   (resumable), one .npz of uint8 images and labels, and a PNG grid of the first 256."""
   exp, state = experiment.restore_trained(config, workdir)
   c = config.sample
-  fn = make_sample_fn(exp, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised)
-  params = state.ema_params if c.use_ema else state.params
   step = int(jax.device_get(state.step))
+  cond = model_conditions(exp, c.num, jax.random.key(c.seed), step)
+  t_mid = None
+  if c.surrogate:
+    t_mid = c.surrogate_t_mid
+    surrogate = surrogate_images(c.surrogate, c.num, config.data.resolution,
+                                 config.data.channels, c.seed + 1)
+    cond = dict(cond or {}, x0_surrogate=surrogate)
+  fn = make_sample_fn(exp, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised,
+                      surrogate_t_mid=t_mid)
+  params = state.ema_params if c.use_ema else state.params
   method = "langevin" if exp.ncsn else f"{c.sampler}{c.steps or 'all'}_eta{c.eta:g}"
+  if t_mid is not None:
+    source = os.path.basename(os.path.normpath(c.surrogate)).removesuffix(".npz")
+    method += f"_surrogate-{source}-t{t_mid}"
   # Everything that changes the images is in the tag, so resumed shards always match.
   tag = (f"sample_step{step:06d}_{method}_w{c.guidance:g}_label{c.label}_"
          f"{'ema' if c.use_ema else 'raw'}_seed{c.seed}_bs{c.batch_size}")
   out_dir = os.path.join(workdir, "samples")
   t0 = time.perf_counter()
   imgs, labels = generate(exp, fn, params, jax.random.key(c.seed), c.num, c.batch_size,
-                          shard_dir=os.path.join(out_dir, tag),
-                          cond=model_conditions(exp, c.num, jax.random.key(c.seed), step))
+                          shard_dir=os.path.join(out_dir, tag), cond=cond)
   secs = time.perf_counter() - t0
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
+  if t_mid is not None and not exp.ncsn:
+    d = diff_lib.from_config(config.diffusion, respacing=c.steps)
+    evals = surrogate_steps(d, t_mid)
+    # Paper 002 Table 4.5's speed-up: model evaluations saved per sample.
+    result.update(model_evaluations=evals, model_evaluations_full=d.num_timesteps)
+    logging.info("Surrogate Diffusion from %s at t_mid=%d: %d of %d model evaluations per "
+                 "sample (%.1fx fewer).", c.surrogate, t_mid, evals, d.num_timesteps,
+                 d.num_timesteps / max(evals, 1))
   if jax.process_index() == 0:
     result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),
                                         images_lib.make_grid(imgs[:256]))

@@ -162,3 +162,50 @@ def test_continuous_chain_on_the_discrete_grid_reproduces_the_discrete_sampler()
     a = samplers.sample(fixed, cont, (8, 2, 2, 1), key, method=method)
     b = samplers.sample(fixed, disc, (8, 2, 2, 1), key, method=method)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------- Surrogate Diffusion (paper 002)
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_surrogate_start_at_t_equals_T_is_the_normal_sampler(method):
+  """t_mid = T: x_T ~ q(x_T | x0~) is (up to sqrt(alpha-bar_T) ~ 0.006 of x0~) the prior's
+  noise, and the chain from it is the full chain: the normal sampler from the same x_T."""
+  d = D.build(BETAS, var_type="fixed_small")
+  x0s = jnp.full((64, 1, 1, 1), 0.9)
+  start = samplers.surrogate_start(jax.random.key(5), d, x0s, T)
+  noise = jax.random.normal(jax.random.key(5), x0s.shape)
+  bound = float(jnp.sqrt(ACP[-1])) * 0.9 + float(1 - jnp.sqrt(1 - ACP[-1])) * 4
+  assert float(jnp.abs(start - noise).max()) < bound
+  a = run(d, jax.random.key(6), n=64, method=method, x_T=start, start_at=T - 1)
+  b = run(d, jax.random.key(6), n=64, method=method, x_T=start)
+  np.testing.assert_array_equal(a, b)
+  c = run(d, jax.random.key(6), n=64, method=method, x_T=noise)  # From the prior's noise.
+  np.testing.assert_allclose(a, c, atol=0.05)
+
+
+@pytest.mark.parametrize("method,respace", [("ddpm", None), ("ddim", None), ("ddim", "ddim50")])
+def test_surrogate_start_with_small_t_mid_keeps_a_perfect_surrogate(method, respace):
+  """A perfect surrogate (its samples are drawn from the data, N(MU, SIGMA^2)) started at
+  t_mid = 3 of 100 (full or respaced chain): the chain only polishes them, so the output stays
+  within 0.3 of the distance between independent samples (2 SIGMA / sqrt(pi)) of the
+  surrogate's and keeps the data's distribution, with 3 (full) or 2 (ddim50) model
+  evaluations instead of 100."""
+  from difflax import sampling
+  d = D.build(BETAS, var_type="fixed_small",
+              timesteps=schedules.space_timesteps(T, respace) if respace else None)
+  steps = sampling.surrogate_steps(d, 3)
+  assert steps == (3 if respace is None else 2)
+  x0s = MU + SIGMA * jax.random.normal(jax.random.key(7), (4000, 1, 1, 1))
+  calls = []
+
+  def counted(x, t):
+    calls.append(1)
+    return gaussian_eps(x, t)
+  start = samplers.surrogate_start(jax.random.key(8), d, x0s, steps)
+  out = np.asarray(samplers.sample(counted, d, x0s.shape, jax.random.key(9), method=method,
+                                   clip_denoised=False, x_T=start, start_at=steps - 1)).ravel()
+  assert len(calls) == 1  # Traced once inside lax.scan: the scan has `steps` iterations.
+  assert np.abs(out - np.asarray(x0s).ravel()).mean() < 0.3 * 2 * SIGMA / np.sqrt(np.pi)
+  assert abs(out.mean() - MU) < 0.03 and abs(out.std() - SIGMA) < 0.03
+  np.testing.assert_array_equal(samplers.surrogate_start(jax.random.key(8), d, x0s, 0), x0s)
+  with pytest.raises(ValueError, match="t_mid"):
+    samplers.surrogate_start(jax.random.key(8), d, x0s, d.num_timesteps + 1)

@@ -306,3 +306,27 @@ def test_paper_002_objectives_resume_bit_identically(tmp_path):
     np.testing.assert_array_equal(a, b)
   history = writers.history(str(tmp_path / "straight"))
   assert any("loss_unweighted" in h and "iwdiff_max_weight" in h for h in history)
+
+
+def test_sample_mode_with_a_surrogate_workdir_or_npz(trained, tmp_path):
+  """Paper 002 Algorithm 4 from the CLI's sample mode: a difflax workdir as the surrogate (here
+  the run itself) at t_mid=50 runs only the chain steps below 50; an .npz of 4x4 images is
+  resized bilinearly to 8x8, and at t_mid=0 the samples are those images."""
+  from difflax import images as images_lib
+  c = load_config("ddpm_cifar10", "tiny")
+  c.sample.update(surrogate=trained, surrogate_t_mid=50)
+  out = train.run(c, trained, mode="sample")
+  assert "surrogate-" in out["npz"] and "-t50" in out["npz"]
+  # "5" of T=100 keeps steps 0, 25, 50, 74, 99: two lie below 50.
+  assert (out["model_evaluations"], out["model_evaluations_full"]) == (2, 5)
+  small = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+  np.savez(tmp_path / "small.npz", images=small)
+  c.sample.update(surrogate=str(tmp_path / "small.npz"), surrogate_t_mid=0)
+  out = train.run(c, trained, mode="sample")
+  want = jax.image.resize(small.astype(np.float32) / 127.5 - 1, (8, 8, 8, 3), "bilinear")
+  np.testing.assert_array_equal(np.load(out["npz"])["images"],
+                                images_lib.to_uint8(np.clip(np.asarray(want), -1, 1)))
+  assert out["model_evaluations"] == 0
+  c.sample.surrogate = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="neither an .npz"):
+    train.run(c, trained, mode="sample")
