@@ -14,14 +14,15 @@ diffusion settings (4000 cosine steps, learned variances, hybrid loss, class-con
 """
 from difflax import cascade
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 from difflax.configs import cascade_32_64 as cdm
 
 PRESETS = ("paper", "tiny")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   paper = "paper" in presets
   base, sr = cdm.base_stage(paper), cdm.sr_stage(paper, low_res=16, resolution=64)
   base.data.resolution = 16
@@ -43,6 +44,6 @@ def get_config(arg=None):
   c = cascade.cascade_config({"base": base, "sr_64": sr})
   c.cascade.sweep_levels = (level,)
   if "tiny" in presets:
-    config_lib.apply_tiny_cascade(c)
+    preset_lib.apply_tiny_cascade(c)
     c.stages.sr_64.cond.update(train_level=min(level, 100), sample_level=min(level, 100))
   return config_lib.finalize(c)

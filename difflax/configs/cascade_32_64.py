@@ -16,6 +16,7 @@ over s ~ U{0..400} of the base's 1000-step forward process and samples non-trunc
 """
 from difflax import cascade
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "tiny")
 
@@ -69,15 +70,15 @@ def sr_stage(paper: bool, low_res: int = 32, resolution: int = 64):
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   paper = "paper" in presets
   c = cascade.cascade_config({"base": base_stage(paper), "sr_64": sr_stage(paper)})
   if paper:
     c.cascade.update(num=64, batch_size=64, sweep_levels=(0, 251, 501, 751, 1001, 1251, 1501),
                      sweep_num=10_000)
   if "tiny" in presets:
-    config_lib.apply_tiny_cascade(c)
+    preset_lib.apply_tiny_cascade(c)
   for k, v in kv.items():
     if k == "s":
       c.stages.sr_64.cond.sample_level = int(v)

@@ -12,6 +12,7 @@ Presets: paper | tiny. The CPU default keeps the structure at 16 -> 32 -> 64 on 
 """
 from difflax import cascade
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 from difflax.configs import cascade_32_64 as cdm
 
 PRESETS = ("paper", "tiny")
@@ -44,8 +45,8 @@ def blur_stage(paper: bool, low_res: int, resolution: int):
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   if kv:
     raise config_lib.ConfigError(f"Unknown ':key=value' {sorted(kv)} for {__file__}; use "
                                  "--config.<path>=value.")
@@ -63,5 +64,5 @@ def get_config(arg=None):
               "sr_64": blur_stage(False, 32, 64)}
   c = cascade.cascade_config(stages)
   if "tiny" in presets:
-    config_lib.apply_tiny_cascade(c)
+    preset_lib.apply_tiny_cascade(c)
   return config_lib.finalize(c)

@@ -20,14 +20,15 @@ Arguments (comma-separated after ':'):
                  backbone is replaced by difflax's UNet). tiny: smoke test.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "tiny")
 OWN_KEYS = ("gamma", "start", "end", "tau", "scale", "infer", "pred", "time")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   own = {k: kv.pop(k) for k in OWN_KEYS if k in kv}
   c = config_lib.base_config()
   d = c.diffusion
@@ -59,11 +60,11 @@ def get_config(arg=None):
                    preview_steps="250")
     c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="1000")
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
     c.sample.steps = c.train.preview_steps = "10"
   else:
     d.num_timesteps = 100
     c.sample.update(sampler="ddpm", steps="100")
 
-  config_lib.apply_shorthands(c, kv, __file__)
+  preset_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

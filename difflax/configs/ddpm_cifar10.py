@@ -7,13 +7,14 @@
 Presets (comma-separated after ':'): paper | tiny, plus num_steps= batch= resolution= dataset=.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "tiny")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   c = config_lib.base_config()
   c.diffusion.schedule = "linear"
   c.diffusion.num_timesteps = 1000
@@ -21,12 +22,12 @@ def get_config(arg=None):
   c.loss.type = "simple"
 
   if "paper" in presets:
-    config_lib.apply_ddpm_cifar10(c)
+    preset_lib.apply_ddpm_cifar10(c)
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
   else:
     # CPU scale on the embedded dataset: visibly learns shapes and colours in a few minutes.
     c.sample.update(sampler="ddpm", steps="250")
 
-  config_lib.apply_shorthands(c, kv, __file__)
+  preset_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

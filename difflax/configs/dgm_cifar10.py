@@ -21,6 +21,7 @@ Presets (comma-separated after ':', combinable):
 Surrogate Diffusion (Algorithm 4) is a sampling option of any config: `sample.surrogate`.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 OBJECTIVES = ("is", "is2", "iwdiff")
 # Table 4.3: (block, channel multipliers, residual blocks, base channels at CIFAR-10 scale).
@@ -36,8 +37,8 @@ PRESETS = ("paper", "tiny", "short") + OBJECTIVES + tuple(ARCHITECTURES)
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   archs = [p for p in presets if p in ARCHITECTURES]
   if len(archs) > 1:
     raise config_lib.ConfigError(f"Pick one architecture preset, got {archs}.")
@@ -46,10 +47,10 @@ def get_config(arg=None):
   c.loss.type = "simple"
 
   if "paper" in presets:
-    config_lib.apply_ddpm_cifar10(c)
+    preset_lib.apply_ddpm_cifar10(c)
     c.train.num_steps = 150_000  # Sec. 4.2: the paper's runs (FID 4.93 for the default UNet).
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
   else:
     c.sample.update(sampler="ddpm", steps="250")
   if archs:
@@ -70,5 +71,5 @@ def get_config(arg=None):
   if "iwdiff" in presets:
     c.loss.iwdiff_k = 2  # Table 4.4's k.
 
-  config_lib.apply_shorthands(c, kv, __file__)
+  preset_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

@@ -8,13 +8,14 @@
 Presets: paper | tiny, plus num_steps= batch= resolution= dataset=.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "tiny")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   c = config_lib.base_config()
   c.diffusion.update(schedule="cosine", num_timesteps=4000, model_output="eps",
                      var_type="learned_range")
@@ -34,7 +35,7 @@ def get_config(arg=None):
     c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="100")
     c.eval.update(num_batches=10, batch_size=128)
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
     c.sample.sampler = "ddpm"
   else:
     # CPU scale on the embedded dataset; 1000 steps keep the bits/dim eval cheap on 2 cores.
@@ -42,5 +43,5 @@ def get_config(arg=None):
     c.model.num_heads = 2
     c.sample.update(sampler="ddpm", steps="50")
 
-  config_lib.apply_shorthands(c, kv, __file__)
+  preset_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

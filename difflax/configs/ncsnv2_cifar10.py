@@ -12,13 +12,14 @@ epsilon 6.2e-6, EMA 0.999, batch 128, lr 1e-4, 300k steps); the paper's RefineNe
 difflax's UNet as the unconditional inner network s(x) of s(x, sigma) = s(x) / sigma.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "tiny")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   c = config_lib.base_config()
   c.diffusion.type = "ncsn"
   c.train.eval_every = 0
@@ -34,10 +35,10 @@ def get_config(arg=None):
                    preview_every=10_000, preview_num=64)
     c.sample.update(num=50_000, batch_size=256)
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
     c.ncsn.update(sigma_last=0.05, steps_per_scale=2, stat_examples=64)
   else:
     c.optim.ema_decay = 0.999
 
-  config_lib.apply_shorthands(c, kv, __file__)
+  preset_lib.apply_shorthands(c, kv, __file__)
   return config_lib.finalize(c)

@@ -13,13 +13,14 @@ Default (CPU, embedded data at 32x32): grows 8 -> 16 -> 32 after 400 steps per s
 level faded in over 100 steps (Eq. 13, s = 0.7), 1400 steps in all.
 """
 from difflax import config as config_lib
+from difflax import presets as preset_lib
 
 PRESETS = ("paper", "static", "tiny")
 
 
 def get_config(arg=None):
-  presets, kv = config_lib.parse_arg(arg)
-  config_lib.check_presets(presets, PRESETS, __file__)
+  presets, kv = preset_lib.parse_arg(arg)
+  preset_lib.check_presets(presets, PRESETS, __file__)
   c = config_lib.base_config()
   # Pro-DDPM builds on improved DDPM: hybrid loss with learned variances, T = 1000.
   c.diffusion.update(schedule="cosine", num_timesteps=1000, var_type="learned_range")
@@ -43,7 +44,7 @@ def get_config(arg=None):
     c.eval.update(num_samples=1000, reference_examples=5000)
     c.sample.update(num=50_000, batch_size=256, sampler="ddpm", steps="100")
   elif "tiny" in presets:
-    config_lib.apply_tiny(c)
+    preset_lib.apply_tiny(c)
     c.data.resolution = 16
     c.model.update(ch_mult=(1, 2, 2), attn_resolutions=())
     c.growth.update(resolutions=(4, 8, 16), stage_steps=(2, 2), fade_steps=2)
@@ -64,5 +65,5 @@ def get_config(arg=None):
     elif k == "forward":
       c.growth.forward = v
     else:
-      config_lib.apply_shorthands(c, {k: v}, __file__)
+      preset_lib.apply_shorthands(c, {k: v}, __file__)
   return config_lib.finalize(c)
