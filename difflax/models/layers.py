@@ -38,6 +38,18 @@ def group_norm(channels: int, num_groups: int, name: str | None = None):
   return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, name=name)
 
 
+def embed(h, emb, norm, scale_shift: bool, dtype):
+  """norm(h + W emb), or FiLM norm(h) * (1 + scale) + shift with [scale, shift] = W emb
+  (improved-DDPM Sec. 3). Called inside a block's compact `__call__` (its `emb_proj`)."""
+  channels = h.shape[-1]
+  out = nn.Dense(2 * channels if scale_shift else channels, dtype=dtype,
+                 name="emb_proj")(nn.silu(emb))[:, None, None, :]
+  if scale_shift:
+    scale, shift = jnp.split(out, 2, axis=-1)
+    return norm(h) * (1 + scale) + shift
+  return norm(h + out)
+
+
 class ResBlock(nn.Module):
   """Residual block with the embedding added (or FiLM scale-shift, improved-DDPM Sec. 3) between
   its two convolutions."""
@@ -51,14 +63,8 @@ class ResBlock(nn.Module):
   def __call__(self, x, emb, train: bool):
     h = nn.silu(group_norm(x.shape[-1], self.num_groups, "norm_0")(x))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv_0")(h)
-    emb_out = nn.Dense(2 * self.out_ch if self.use_scale_shift_norm else self.out_ch,
-                       dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None, :]
-    norm = group_norm(self.out_ch, self.num_groups, "norm_1")
-    if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = norm(h) * (1 + scale) + shift
-    else:
-      h = norm(h + emb_out)
+    h = embed(h, emb, group_norm(self.out_ch, self.num_groups, "norm_1"),
+              self.use_scale_shift_norm, self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                 name="conv_1")(h)
@@ -89,14 +95,8 @@ class MBConvBlock(nn.Module):
     h = nn.silu(group_norm(mid, self.num_groups, "norm_1")(
         nn.Conv(mid, (1, 1), dtype=self.dtype, name="expand")(h)))
     h = nn.Conv(mid, (3, 3), feature_group_count=mid, dtype=self.dtype, name="depthwise")(h)
-    emb_out = nn.Dense(2 * mid if self.use_scale_shift_norm else mid, dtype=self.dtype,
-                       name="emb_proj")(nn.silu(emb))[:, None, None, :]
-    norm = group_norm(mid, self.num_groups, "norm_2")
-    if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = nn.silu(norm(h) * (1 + scale) + shift)
-    else:
-      h = nn.silu(norm(h + emb_out))
+    h = nn.silu(embed(h, emb, group_norm(mid, self.num_groups, "norm_2"),
+                      self.use_scale_shift_norm, self.dtype))
     se = max(1, int(x.shape[-1] * self.se_ratio))
     s = nn.silu(nn.Dense(se, dtype=self.dtype, name="se_reduce")(h.mean(axis=(1, 2))))
     s = nn.sigmoid(nn.Dense(mid, dtype=self.dtype, name="se_expand")(s))
