@@ -9,11 +9,14 @@ jitted train step `difflax.train` runs; the variants take turns in chunks of --c
 their wall-clock is measured side by side. Per variant: the variance of the per-step training
 loss (the objective each one optimises, importance-weighted where it samples by importance)
 around its 25-step moving average after --skip steps (the importance sampler is uniform until
-every t holds its loss history), the same for the unweighted loss, the final 50-step mean loss,
-median seconds per step, and ratios of both to L_simple's ("train time to DDPM ratio").
+every t holds its loss history), the same for the unweighted loss, median seconds per step,
+ratios of both to L_simple's ("train time to DDPM ratio"), and where each got to: L_simple of
+its final params on held-out data (the eval split, t uniform, the same noise for every
+variant), the objectives' common yardstick (their training losses weight t differently).
 """
 import argparse
 import json
+import sys
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
@@ -46,7 +49,8 @@ def main():
   args = p.parse_args()
   import jax
   import numpy as np
-  from difflax import config as config_lib, data, experiment, parallel, step as step_lib
+  from difflax import config as config_lib, data, experiment, losses, models, parallel
+  from difflax import step as step_lib
 
   runs = {}
   for name in args.variants.split(","):
@@ -66,7 +70,8 @@ def main():
     step = step.lower(state, batch).compile()
     runs[name] = {"state": state, "step": step, "it": it, "loss": [], "unweighted": [],
                   "seconds": [], "compile_seconds": time.perf_counter() - t0}
-  for _ in range(0, args.steps, args.chunk):  # Variants take turns: timings side by side.
+  for done in range(0, args.steps, args.chunk):  # Variants take turns: timings side by side.
+    print(f"steps {done}-{done + args.chunk} of {args.steps}", file=sys.stderr, flush=True)
     for run in runs.values():
       for _ in range(args.chunk):
         batch = next(run["it"])
@@ -76,13 +81,24 @@ def main():
         run["seconds"].append(time.perf_counter() - t0)
         run["loss"].append(float(m["loss"]))
         run["unweighted"].append(float(m.get("loss_unweighted", m["loss"])))
+  # The yardstick: L_simple at uniform t on held-out images, the same draws for every variant.
+  c = config_lib.load(args.config)
+  s = experiment.setup(c, "/tmp/difflax_bench_objectives_eval")
+  simple = losses.make_objective(c, s.diffusion)
+  apply = models.make_apply(s.model, c)
+  held_out = data.sample_array(c.data, 256, c.seed, c.data.eval_split).astype(np.float32)
+
+  @jax.jit
+  def held_out_loss(params, key):
+    return simple(lambda x, t: apply(params, x, t), held_out, key)["loss"].mean()
   out = {}
   base = runs.get("simple")
   for name, run in runs.items():
     loss = run["loss"][args.skip:]
     row = {"loss_variance": detrended_variance(loss),
            "unweighted_loss_variance": detrended_variance(run["unweighted"][args.skip:]),
-           "final_loss": float(np.mean(run["unweighted"][-50:])),
+           "held_out_l_simple": float(np.mean([
+               held_out_loss(run["state"].params, jax.random.key(i)) for i in range(8)])),
            "step_seconds_median": _common.median(run["seconds"]),
            "compile_seconds": run["compile_seconds"]}
     if not np.all(np.isfinite(run["loss"])):

@@ -38,12 +38,18 @@ def run_steps(config, devices, num_steps=2):
 @pytest.fixture(scope="module")
 def single_device_run():
   """6 steps on one device with warm-up 1, so the learning rate is at its peak from step 1 and
-  every step moves the params, EMA and Adam moments (the equivalence below has signal)."""
+  every step moves the params, EMA and Adam moments (the equivalence below has signal), in 2
+  micro-batches."""
   from conftest import load_config
   c = load_config("ddpm_cifar10", "tiny")
   c.model.class_conditional = True
   c.mesh.fsdp_min_size = 64
-  c.optim.update(warmup_steps=1, lr=1e-2)
+  c.optim.update(warmup_steps=1, lr=1e-2, grad_accum=2)
+  # Paper 002's objectives ride along: importance-sampled t (a history that warms up in a few
+  # steps, +1 refresh), IWDiff k=2; the loss history is compared like the params.
+  c.diffusion.update(num_timesteps=8, schedule="cosine")
+  c.loss.update(timestep_sampler="importance", resampler_history=2, resampler_extra_updates=1,
+                iwdiff_k=2)
   init, _, _ = run_steps(c, jax.devices()[:1], num_steps=0)
   ref, ref_m, _ = run_steps(c, jax.devices()[:1], num_steps=6)
   return c, jax.device_get(init), jax.device_get(ref), ref_m
@@ -71,31 +77,13 @@ def test_sharded_step_matches_single_device(single_device_run, data_axis, fsdp_a
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4,
                                  err_msg=part)
   np.testing.assert_allclose(ref_m["loss"], got_m["loss"], rtol=1e-5)
-
-
-def test_paper_002_objectives_update_the_same_history_sharded_as_on_one_device():
-  """Importance-sampled t with the +1 refresh, IWDiff (k=2) and 2 micro-batches: the loss
-  history, updated inside the jitted step from the losses of all devices, is the one-device
-  history (the same counts; losses to float rounding), as are the params."""
-  from conftest import load_config
-  c = load_config("ddpm_cifar10", "tiny")
-  c.diffusion.update(num_timesteps=8, schedule="cosine")
-  c.loss.update(timestep_sampler="importance", resampler_history=2, resampler_extra_updates=1,
-                iwdiff_k=2)
-  c.optim.update(warmup_steps=1, grad_accum=2)
-  c.mesh.fsdp_min_size = 64
-  ref, ref_m, _ = run_steps(c, jax.devices()[:1], num_steps=6)
-  c.mesh.update(data=4, fsdp=2)
-  got, got_m, shardings = run_steps(c, jax.devices(), num_steps=6)
-  assert shardings.resampler["losses"].spec == P()  # Replicated: every device reads it whole.
-  ref, got = jax.device_get(ref), jax.device_get(got)
+  # The loss history, updated inside the step from the losses of all devices, is the
+  # one-device history: the same counts, the same losses to float rounding; replicated.
   assert int(ref.resampler["count"].sum()) == 6 * 16 and (ref.resampler["count"] >= 2).all()
   np.testing.assert_array_equal(got.resampler["count"], ref.resampler["count"])
   np.testing.assert_allclose(got.resampler["losses"], ref.resampler["losses"], rtol=1e-4)
+  assert shardings.resampler["losses"].spec == P()
   assert float(got_m["loss"]) != float(got_m["loss_unweighted"])  # Importance weights active.
-  np.testing.assert_allclose(got_m["loss"], ref_m["loss"], rtol=1e-4)
-  for a, b in zip(jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(got.params)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4)
 
 
 def test_partition_rule_and_mesh_errors(tiny_config):
