@@ -205,3 +205,32 @@ def test_iwdiff_gradient_matches_the_hand_written_estimator(stop_gradient):
   else:
     want = (w * (1 + l - (w * l).sum(0)) * dl).sum()
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_importance_sampling_and_iwdiff_serve_hybrid_and_vlb_objectives():
+  """The switches wrap any discrete objective: with learned variances, hybrid and vlb losses
+  are importance-weighted and IWDiff-combined per example (finite, positive, [B])."""
+  from conftest import load_config
+  for kind in ("hybrid", "vlb"):
+    c = load_config("ddpm_cifar10", "tiny")
+    c.diffusion.update(num_timesteps=T, schedule="cosine", var_type="learned_range")
+    c.loss.update(type=kind, timestep_sampler="importance", iwdiff_k=3)
+    obj = losses.make_objective(c, D.from_config(c.diffusion))
+    hist = jnp.linspace(0.1, 2.0, 2 * T).reshape(T, 2)
+    res = {"losses": hist, "count": jnp.full((T,), 2, jnp.int32)}
+    net = lambda x, t: jnp.concatenate([0.1 * x, jnp.zeros_like(x)], axis=-1)
+    x0 = jnp.clip(jax.random.normal(jax.random.key(0), (4, 4, 4, 2)) * 0.5, -1, 1)
+    terms = obj(net, x0, jax.random.key(1), resampler=res)
+    assert terms["loss"].shape == (4,) and np.isfinite(terms["loss"]).all()
+    assert (terms["loss"] > 0).all() and "iwdiff_max_weight" in terms
+
+
+def test_short_chain_preset_is_sec_4_3s():
+  from difflax import config as config_lib
+  c = config_lib.load("dgm_cifar10:short")
+  betas = np.asarray(D.from_config(c.diffusion).betas)
+  assert len(betas) == 100 and c.sample.steps == ""
+  np.testing.assert_allclose([betas[0], betas[-1]], [4e-4, 0.18], rtol=1e-6)
+  # Like the T=1000 chain it ends at (almost) pure noise.
+  long = np.cumprod(1 - schedules.linear_betas(1000))[-1]
+  assert np.cumprod(1 - betas)[-1] < 1e-3 and long < 1e-3
