@@ -211,15 +211,14 @@ def iwdiff_weights(draw_losses, axis: int = 0):
 
 def iwdiff_losses(loss_fn: Callable, x0, t, noises, *, stop_gradient: bool = True) -> dict:
   """IWDiff (paper 002 Algorithm 3): k noise draws `noises: [k, B, ...]` of the same x0: [B, ...]
-  and t: [B]; `loss_fn(x0, t, noise) -> terms` gives the per-draw losses l: [k, B] in one
-  network call on the k*B batch. Per example, loss = sum_i w_i l_i with w = `iwdiff_weights(l)`
+  and t: [B]; `loss_fn(x0, t, noise) -> terms` gives the per-draw losses l: [k, B] (vmapped
+  over the draws). Per example, loss = sum_i w_i l_i with w = `iwdiff_weights(l)`
   held constant in the gradient (IWAE's estimator, eq. 14), or differentiated through with
   `stop_gradient=False` (line 10 read literally). Other terms are averaged over the draws;
   "iwdiff_max_weight" is the largest w_i (1/k: draws agree; 1: one draw dominates)."""
-  k = noises.shape[0]
-  terms = loss_fn(jnp.concatenate([x0] * k), jnp.concatenate([t] * k),
-                  noises.reshape((-1,) + noises.shape[2:]))
-  terms = {name: v.reshape((k, -1) + v.shape[1:]) for name, v in terms.items()}
+  # vmap over the draws: the network sees batches of B (batched by XLA into one k*B call), so
+  # per-example inputs the caller closed over (labels, conditioning) need no repeating.
+  terms = jax.vmap(lambda n: loss_fn(x0, t, n))(noises)
   losses = terms.pop("loss")
   w = iwdiff_weights(jax.lax.stop_gradient(losses) if stop_gradient else losses, axis=0)
   out = {name: v.mean(axis=0) for name, v in terms.items()}

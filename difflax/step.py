@@ -64,12 +64,8 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
 
     def loss_fn(params, x0, draw, labels, cond, k_drop):
       def denoise_fn(x_t, t_model):
-        # IWDiff evaluates its k draws as one batch of k * B (draw-major): per-example inputs
-        # are repeated alongside.
-        reps = x_t.shape[0] // x0.shape[0]
-        tile = lambda a: a if a is None or reps == 1 else jnp.concatenate([a] * reps)
-        return apply(params, x_t, t_model, y=tile(labels), train=True, rngs={"dropout": k_drop},
-                     **{k: tile(v) for k, v in cond.items()}, **fade)
+        return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop},
+                     **cond, **fade)
       terms = objective.terms(denoise_fn, x0, draw, view=obj_view)
       return jnp.mean(terms["loss"] * draw["weight"]), terms
 
