@@ -1,7 +1,7 @@
 """Command-line entry point: flags only.
 
   python -m difflax.main --config=cascade_32_64[:preset] --workdir=DIR \
-      [--mode=train|sample|eval|sweep] [--config.block.key=value ...]
+      [--mode=train|sample|eval|sweep|train,sample,...] [--config.block.key=value ...]
 
 `--config` is a packaged config's name (an unknown name lists them) or a path to any
 `get_config(arg)` file (`configs/ddpm_cifar10.py` in a clone); `--config.a.b=value` overrides an
@@ -28,8 +28,9 @@ from difflax.evaluation import inception
 
 cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", list(train.MODES),
-                  "What to do (sweep: a cascade's augmentation-level sweep).")
+flags.DEFINE_string("mode", "train", f"What to do: {', '.join(train.MODES)} (sweep: a "
+                    "cascade's augmentation-level sweep), or several in order in one process, "
+                    "comma separated (train,sample).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto = with the flags below or when a "
                   "multi-process cluster (TPU pod, SLURM, Open MPI) is detected.")

@@ -11,7 +11,9 @@ cascade's stages are trained one after another by it. Outputs in `workdir`: conf
 checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/.
 
 `run(config, workdir, mode)`: train (every stage of a cascade in order), sample (`sampling` or
-`pipeline`), eval (`evaluation.evaluator`), sweep (`pipeline`).
+`pipeline`), eval (`evaluation.evaluator`), sweep (`pipeline`); `mode` may name several, comma
+separated ("train,sample"), run in that order in one process (one start-up, one
+`jax.distributed` job).
 """
 from __future__ import annotations
 
@@ -217,11 +219,28 @@ def train(config, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ run
+def parse_modes(mode: str) -> list[str]:
+  """'train,sample' -> ['train', 'sample']; an unknown or empty name is a `ConfigError`."""
+  modes = [m.strip() for m in mode.split(",")]
+  bad = [m for m in modes if m not in MODES]
+  if bad or not modes:
+    raise config_lib.ConfigError(f"Unknown --mode={mode!r}; valid: {', '.join(MODES)}, or "
+                                 "several in order, comma separated (e.g. train,sample).")
+  return modes
+
+
 def run(config, workdir: str, mode: str = "train") -> dict:
-  """Validates `config`, records it as workdir/config.json (train) and runs `mode`."""
-  if mode not in MODES:
-    raise config_lib.ConfigError(f"Unknown --mode={mode!r}; valid: {MODES}.")
+  """Validates `config` and runs `mode` (or each of 'train,sample,...' in order: the result of
+  several is {mode: result})."""
+  modes = parse_modes(mode)
   config_lib.validate(config)
+  if len(modes) > 1:
+    return {m: _run_one(config, workdir, m) for m in modes}
+  return _run_one(config, workdir, modes[0])
+
+
+def _run_one(config, workdir: str, mode: str) -> dict:
+  """Records the config as workdir/config.json (train) and runs one mode."""
   fileio.path(workdir).mkdir(parents=True, exist_ok=True)
   if mode == "train" and jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "config.json"),

@@ -23,12 +23,16 @@ from difflax import writers
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo test bed on Linux")
 
 HOOKS = os.path.join(REPO, "tests", "hooks")  # sitecustomize: cache writes, SIGTERM at a step.
+# One resolution level and no attention: what these tests check is the multi-process
+# machinery, and a smaller program halves every compile (init, step, checksums, sampling), which
+# both processes pay on a cold cache.
+SMALL = ("--config.model.ch_mult=1", "--config.model.attn_resolutions=")
 FLAGS = ("--config.train.num_steps=8", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=2", "--config.train.preview_every=0",
-         "--config.train.eval_every=8",
+         "--config.train.checkpoint_every=4", "--config.train.preview_every=0",
+         "--config.train.eval_every=8", "--config.eval.feature_steps=20",
          "--config.optim.warmup_steps=1", "--config.mesh.data=4", "--config.mesh.fsdp=2",
          "--config.mesh.fsdp_min_size=64", "--config.sample.num=16",
-         "--config.sample.batch_size=8")
+         "--config.sample.batch_size=8", *SMALL)
 
 
 def env(**extra):
@@ -51,10 +55,12 @@ def local_sh(n, config, workdir, *flags, timeout=600, **extra_env):
 def tiny_config():
   """FLAGS as a config, for runs in this (1-process, 8-device) test process."""
   c = load_config("ddpm_cifar10", "tiny")
-  c.train.update(num_steps=8, log_every=1, checkpoint_every=2, preview_every=0, eval_every=8)
+  c.train.update(num_steps=8, log_every=1, checkpoint_every=4, preview_every=0, eval_every=8)
+  c.eval.feature_steps = 20
   c.optim.warmup_steps = 1
   c.mesh.update(data=4, fsdp=2, fsdp_min_size=64)
   c.sample.update(num=16, batch_size=8)
+  c.model.update(ch_mult=(1,), attn_resolutions=())
   return c
 
 
@@ -161,7 +167,8 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   from step k - 1 and ends bit-identical to the uninterrupted run."""
   workdir = tmp_path / "run"
   k = random.choice([3, 5, 7])  # Odd: k is the SIGTERM checkpoint, k - 1 a periodic one.
-  flags = (*FLAGS, "--config.train.eval_every=0")  # Evals are the first test's business.
+  flags = (*FLAGS, "--config.train.eval_every=0",  # Evals are the first test's business.
+           "--config.train.checkpoint_every=2")
   logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, DIFFLAX_TEST_SIGTERM_STEP=str(k))
   assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
   for log in logs:
@@ -200,13 +207,15 @@ def test_progressive_growth_across_processes_with_fsdp(tmp_path):
 def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tmp_path):
   workdir = tmp_path / "cdm"
   flags = ["--config.stages.base.train.num_steps=2", "--config.stages.sr_64.train.num_steps=2",
+           "--config.stages.base.model.ch_mult=1", "--config.stages.sr_64.model.ch_mult=1",
+           "--config.stages.base.model.attn_resolutions=",
            "--config.stages.base.train.preview_every=0",
            "--config.stages.sr_64.train.preview_every=0"]
-  logs = local_sh(2, "cascade_32_64:tiny", workdir, *flags)
+  # Both modes in one launch (one start-up and one jax.distributed job, as a pod job would).
+  logs = local_sh(2, "cascade_32_64:tiny", workdir, *flags, "--mode=train,sample")
   assert all(log.count("Cascade stage") == 2 for log in logs)
   for stage in ("base", "sr_64"):
     assert sorted(os.listdir(workdir / stage / "checkpoints")) == ["2"]
-  local_sh(2, "cascade_32_64:tiny", workdir, *flags, "--mode=sample")
   (out_dir,) = glob.glob(str(workdir / "pipeline" / "*"))
   assert {"final.png", "base.png", "sr_64.png", "final.npz"} <= set(os.listdir(out_dir))
   imgs = np.load(os.path.join(out_dir, "final.npz"))["images"]
