@@ -23,6 +23,10 @@ def fd(net, ref, images):
 def test_quick_features_rank_known_corruptions_worse_than_clean_data(quick_net):
   net, _, c = quick_net
   assert net.meta["final_train_accuracy"] > 0.25  # 10 classes: chance is 0.1.
+  # Its held-out accuracy is measured and recorded (what every quick metric is printed with);
+  # 300 steps of the recipe already tell most upright shapes apart at 16x16.
+  assert net.meta["accuracy_split"] == "test" and net.meta["accuracy_examples"] == 1000
+  assert net.accuracy > 0.6, net.meta
   ref, _ = data.embedded_dataset(1000, 16, split="test")
   clean, labels = data.embedded_dataset(1000, 16, split="train")
   x = clean.astype(np.float32) / 127.5 - 1
@@ -48,7 +52,10 @@ def test_quick_fd_known_answers(quick_net):
   net, _, _ = quick_net
   x, _ = data.embedded_dataset(512, 16, split="test")
   x = x.astype(np.float32) / 127.5 - 1
-  assert abs(fd(net, x, x)) < 1e-6
+  # Round-off relative to the features' scale: the covariance of ReLU features is rank-deficient
+  # and sqrt of its round-off-sized eigenvalues is what remains.
+  scale = np.trace(np.cov(net.features(x), rowvar=False))
+  assert abs(fd(net, x, x)) < 1e-6 * scale
   small, large = fd(net, x, np.clip(x + 0.1, -1, 1)), fd(net, x, np.clip(x + 0.4, -1, 1))
   assert 1e-3 < small < large
 

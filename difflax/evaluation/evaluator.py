@@ -108,7 +108,10 @@ class FeatureSpace:
     kid_mean, kid_std = metrics.kid(f, self.ref, num_subsets=20,
                                     subset_size=min(len(f), len(self.ref), 1000))
     precision, recall = metrics.precision_recall(self.ref, f, k=k)
-    return {fd: metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.cov),
+    # The instrument's own quality beside its numbers (quick networks: held-out accuracy).
+    acc = getattr(self.net, "accuracy", None)
+    return {**({f"{p}features_accuracy": acc} if acc is not None else {}),
+            fd: metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), self.mu, self.cov),
             f"{p}kid": kid_mean, f"{p}kid_std": kid_std, f"{p}precision": precision,
             f"{p}recall": recall, f"{p}features": self.net.label,
             f"{fd}_reference": self.fd_ref_name, f"{p}kid_reference": self.ref_name,

@@ -15,34 +15,55 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from difflax import data as data_lib
 from difflax import fileio
+from difflax import images as images_lib
 from difflax import parallel
 from difflax import trees
 
 FEATURE_DIM = 128
-DEFAULT_STEPS = 800
-RECIPE = 1  # Bump when the architecture or training recipe changes: cached networks retrain.
+DEFAULT_STEPS = 1600
+RECIPE = 2  # Bump when the architecture or training recipe changes: cached networks retrain.
+CHANNELS = (16, 32, 64, 128)
+HELDOUT_EXAMPLES = 1000  # Eval-split examples its accuracy is measured on.
+# The embedded data are procedural, so the network trains on at least this many draws of the
+# train split: on the 4,096 examples of the default config it overfits (16x16: 96.6 % held out
+# after 1600 steps, 97.4 % with 16,384).
+MIN_EMBEDDED_EXAMPLES = 16_384
 
 
 class Classifier(nn.Module):
+  """A small CNN that works at 32x32 whatever the input: smaller inputs are upsampled (nearest,
+  nothing lost; the depth of a 32x32 net is what tells a 5-pixel star from a disc), larger ones
+  brought down by learned stride-2 convs (so a 64x64 net still sees every pixel); then 3x3 conv +
+  GroupNorm + ReLU stages, halving the resolution down to 4x4 so the receptive field spans the
+  image. x: [B, H, W, C] -> logits [B, num_classes] (or features [B, FEATURE_DIM])."""
   num_classes: int
 
   @nn.compact
   def __call__(self, x, return_features: bool = False):
-    for i, ch in enumerate((32, 64, 128)):
+    if x.shape[1] < 32:
+      x = images_lib.nearest_upsample(x, 32 // x.shape[1])
+    i = 0
+    while x.shape[1] > 32:
+      x = nn.relu(nn.Conv(CHANNELS[0], (4, 4), strides=(2, 2), name=f"stem_{i}")(x))
+      i += 1
+    for i, ch in enumerate(CHANNELS):
       x = nn.relu(nn.GroupNorm(8, name=f"norm_{i}")(nn.Conv(ch, (3, 3), name=f"conv_{i}")(x)))
-      if i < 2:
-        x = nn.avg_pool(x, (2, 2), (2, 2))
+      if x.shape[1] <= 4 or i == len(CHANNELS) - 1:
+        break
+      x = nn.avg_pool(x, (2, 2), (2, 2))
     feats = nn.relu(nn.Dense(FEATURE_DIM, name="features")(x.mean(axis=(1, 2))))
     if return_features:
       return feats
@@ -62,6 +83,12 @@ class FeatureNet:
   def label(self) -> str:
     return f"quick:{self.weights_hash}"
 
+  @property
+  def accuracy(self) -> float | None:
+    """Classification accuracy on the eval split, held out (None: unlabelled data or a network
+    file from before it was recorded)."""
+    return self.meta.get("accuracy")
+
   def features(self, images, mesh=None, batch_size: int = 256) -> np.ndarray:
     """[N, H, W, C] float in [-1, 1] (or uint8) -> [N, 128] float32 features, computed in
     batches sharded over `mesh` (default: this process's devices; `parallel.map_batches`)."""
@@ -69,6 +96,14 @@ class FeatureNet:
     if images.dtype == np.uint8:
       images = images.astype(np.float32) / 127.5 - 1.0
     return parallel.map_batches(_feature_fn(self.meta["num_classes"]), self.params, images,
+                                mesh, batch_size)
+
+  def probs(self, images, mesh=None, batch_size: int = 256) -> np.ndarray:
+    """[N, H, W, C] -> [N, num_classes] class probabilities p(y|x) (the shape score's input)."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 127.5 - 1.0
+    return parallel.map_batches(_probs_fn(self.meta["num_classes"]), self.params, images,
                                 mesh, batch_size)
 
   def save(self, path: str) -> str:
@@ -82,6 +117,12 @@ def _feature_fn(num_classes: int):
   return lambda p, x: model.apply({"params": p}, x, return_features=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _probs_fn(num_classes: int):
+  model = Classifier(num_classes)
+  return lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1)
+
+
 def load(path: str) -> FeatureNet:
   params, meta = fileio.load_weights(path)
   return FeatureNet(jax.tree.map(jnp.asarray, params), meta)
@@ -89,13 +130,21 @@ def load(path: str) -> FeatureNet:
 
 def train_feature_net(data_config, steps: int = DEFAULT_STEPS, seed: int = 0,
                       batch_size: int = 64) -> FeatureNet:
-  """Fixed recipe: Adam 1e-3, `steps` steps of `batch_size`, random flips, cross-entropy."""
+  """Fixed recipe: Adam, learning rate warmed up to 2e-3 over 50 steps then cosine-decayed,
+  `steps` steps of `batch_size` with the dataset's random flips, cross-entropy; then its accuracy
+  on `HELDOUT_EXAMPLES` of the eval split goes into the metadata (`accuracy`, what quick metrics
+  are printed with: a weak instrument is visible as such)."""
   num_classes = max(int(data_config.num_classes), 1)
   model = Classifier(num_classes)
-  it = data_lib.host_batches(data_config, seed=seed, batch_size=batch_size)
+  train_data = data_config
+  if data_config.name == "embedded" and data_config.num_examples < MIN_EMBEDDED_EXAMPLES:
+    train_data = ml_collections.ConfigDict(data_config.to_dict())
+    train_data.num_examples = MIN_EMBEDDED_EXAMPLES
+  it = data_lib.host_batches(train_data, seed=seed, batch_size=batch_size)
   first = next(it)
   params = model.init(jax.random.key(seed), jnp.asarray(first["image"]))["params"]
-  opt = optax.adam(1e-3)
+  warmup = min(50, steps // 4)
+  opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(steps, warmup + 1)))
   opt_state = opt.init(params)
 
   @jax.jit
@@ -114,8 +163,21 @@ def train_feature_net(data_config, steps: int = DEFAULT_STEPS, seed: int = 0,
     batch = next(it)
   meta = {"recipe": RECIPE, "dataset": data_config.name, "resolution": int(data_config.resolution),
           "num_classes": num_classes, "steps": steps, "seed": seed,
+          "train_examples": int(train_data.num_examples) if train_data.name == "embedded" else None,
           "final_train_accuracy": float(acc), "weights_hash": trees.content_hash(params)}
-  return FeatureNet(params, meta)
+  net = FeatureNet(params, meta)
+  if num_classes > 1:
+    # This process's devices only: process 0 trains and measures it, the others wait.
+    images, labels = data_lib.sample_examples(data_config, HELDOUT_EXAMPLES,
+                                              split=data_config.eval_split)
+    pred = net.probs(images).argmax(-1)
+    meta.update(accuracy=float(np.mean(pred == labels)), accuracy_examples=int(len(labels)),
+                accuracy_split=("all (a folder has no held-out split)"
+                                if data_config.name == "folder" else data_config.eval_split))
+  logging.info("Quick feature network %s (%s %dpx, %d steps): accuracy %s on the eval split",
+               net.label, data_config.name, data_config.resolution, steps,
+               f"{net.accuracy:.4f}" if net.accuracy is not None else "n/a (no labels)")
+  return net
 
 
 def default_path(data_config, steps: int = DEFAULT_STEPS) -> str:
