@@ -215,6 +215,9 @@ def base_config() -> ml_collections.ConfigDict:
       reference_stats="",   # .npz from `python -m difflax.evaluation.stats` for the FD (its
                             # feature label must match); "" = the eval split's examples.
       precision_recall_k=3,  # k of the k-NN manifolds (Kynkaanniemi et al.).
+      quality_line=True,    # End train / sample runs with quick FD, KID and the shape score of
+                            # their samples beside real data's (evaluation/quality.py).
+      quality_samples=128,  # Samples a train run draws for it (sample runs use all they drew).
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -29,6 +29,7 @@ from difflax import images as images_lib
 from difflax import parallel
 from difflax import sampling
 from difflax.evaluation import metrics
+from difflax.evaluation import quality
 from difflax.evaluation import stats
 
 
@@ -110,6 +111,9 @@ def sample(config, workdir: str) -> dict:
   result = {"num": int(c.num), "dir": out_dir,
             "stages": {st.name: {"step": st.step, "resolution": st.config.data.resolution}
                        for st in stages}}
+  last = stages[-1]
+  if last.config.eval.quality_line:  # The final stage's data are what the cascade models.
+    result["quality"] = quality.report(last.config, outs[-1], last.exp.mesh, "pipeline samples")
   if jax.process_index() == 0:
     final = images_lib.to_uint8(outs[-1])
     result["png"] = images_lib.save_png(os.path.join(out_dir, "final.png"),

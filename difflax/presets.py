@@ -67,7 +67,8 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
                  preview_steps="5")
   c.sample.update(num=8, batch_size=8, steps="5")
   c.eval.update(num_batches=1, batch_size=8, num_samples=16, reference_examples=64,
-                feature_steps=100)  # A weak quick network: smoke tests check plumbing.
+                feature_steps=100,  # A weak quick network: smoke tests check plumbing.
+                quality_line=False, quality_samples=16)
 
 
 def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:

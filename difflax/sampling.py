@@ -36,6 +36,7 @@ from difflax import models
 from difflax import parallel
 from difflax import samplers
 from difflax import schedules
+from difflax.evaluation import quality
 
 
 def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
@@ -281,6 +282,8 @@ def sample(config, workdir: str) -> dict:
     logging.info("Surrogate Diffusion from %s at t_mid=%d: %d of %d model evaluations per "
                  "sample (%.1fx fewer).", c.surrogate, t_mid, evals, d.num_timesteps,
                  d.num_timesteps / max(evals, 1))
+  if config.eval.quality_line:
+    result["quality"] = quality.report(config, imgs, exp.mesh, "samples")
   if jax.process_index() == 0:
     result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),
                                         images_lib.make_grid(imgs[:256]))

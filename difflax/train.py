@@ -8,7 +8,9 @@ progressive growth). A SIGTERM to any process checkpoints the current step on al
 returns; a non-finite loss stops the run with a message and without checkpointing the bad
 state. Progressive growth is a phase change of this loop (surgery on the state, re-jit); a
 cascade's stages are trained one after another by it. Outputs in `workdir`: config.json,
-checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/.
+checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/. A run
+that reaches num_steps ends with the quality line (`eval.quality_line`: its samples' quick FD,
+KID and shape score beside real data's).
 
 `run(config, workdir, mode)`: train (every stage of a cascade in order), sample (`sampling` or
 `pipeline`), eval (`evaluation.evaluator`), sweep (`pipeline`); `mode` may name several, comma
@@ -40,6 +42,7 @@ from difflax import sampling
 from difflax import step as step_lib
 from difflax import writers
 from difflax.evaluation import evaluator as evaluator_lib
+from difflax.evaluation import quality
 
 MODES = ("train", "sample", "eval", "sweep")
 
@@ -123,6 +126,24 @@ class Phase:
     if result["is_best"]:
       self.exp.best_checkpointer.save(step, state, meta)
     return result
+
+
+def final_quality(phase: Phase, state, step: int, writer) -> dict:
+  """The quality line of a finished run: `eval.quality_samples` EMA samples drawn with the
+  preview sampler, scored against the data (`evaluation.quality`); numbers to the writer as
+  `quality_*` and to workdir/eval/quality_step<N>.json."""
+  exp, c = phase.exp, phase.exp.config
+  fn = phase.preview_fn or sampling.make_sample_fn(exp, c.train.preview_sampler,
+                                                   c.train.preview_steps)
+  n, key = c.eval.quality_samples, exp.keys["eval"]
+  cond = sampling.model_conditions(exp, n, key, step)
+  imgs, _ = sampling.generate(exp, fn, state.ema_params, key, n, c.sample.batch_size, cond=cond)
+  result = quality.report(c, imgs, exp.mesh, f"samples at step {step}")
+  writer.write_scalars(step, {f"quality_{k}": v for k, v in result.items()
+                              if isinstance(v, float)})
+  if jax.process_index() == 0:
+    fileio.write_json(os.path.join(exp.workdir, "eval", f"quality_step{step:06d}.json"), result)
+  return result
 
 
 def grow(exp: experiment.Experiment, state, new_gs: growth.GrowthState):
@@ -211,11 +232,14 @@ def train(config, workdir: str) -> dict:
           logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
                           step)
           break
+  out = {"step": int(jax.device_get(state.step)), "compile_secs": phase.compile_secs, **last}
+  if c.eval.quality_line and not stopping:
+    out["quality"] = final_quality(phase, state, step, writer)
   writer.close()
   if jax.process_index() == 0:
     evaluator_lib.plot_history(workdir)
   exp.close()
-  return {"step": int(jax.device_get(state.step)), "compile_secs": phase.compile_secs, **last}
+  return out
 
 
 # ------------------------------------------------------------------------------ run

@@ -9,7 +9,7 @@ from difflax.evaluation import features, metrics
 @pytest.fixture(scope="module")
 def quick_net(tmp_path_factory):
   c = load_config("ddpm_cifar10", "")  # Embedded data, 16x16.
-  net = features.train_feature_net(c.data, steps=300)
+  net = features.get_or_train(c.data, steps=300)  # Cached: test_quality.py uses it too.
   path = net.save(str(tmp_path_factory.mktemp("feat") / "quick.npz"))
   return net, path, c
 

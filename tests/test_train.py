@@ -125,10 +125,15 @@ def test_corrupt_latest_checkpoint_is_named_and_the_run_resumes_from_the_previou
 
 def test_sample_and_eval_modes(trained):
   c = load_config("ddpm_cifar10", "tiny")
+  c.eval.quality_line = True
   out = train.run(c, trained, mode="sample")
   imgs = np.load(out["npz"])["images"]
   assert imgs.shape == (8, 8, 8, 3) and imgs.dtype == np.uint8 and os.path.exists(out["png"])
+  q = out["quality"]  # The sample run's quality line: its 8 samples against 8 real images.
+  assert q["num"] == 8 and q["features"].startswith("quick:") and q["confident"] >= 0
+  assert {"quick_fd", "real_quick_fd", "shape_score", "real_shape_score"} <= set(q)
   result = train.run(c, trained, mode="eval")
+  assert result["quick_features_accuracy"] == q["features_accuracy"]  # Printed with the FD.
   # 4 steps of a tiny model: far from the data (8 bits/dim of uniform noise is the ceiling).
   assert 1.0 < result["eval_bpd"] < 12.0
   assert result["quick_fd"] > 1.0 and result["quick_features"].startswith("quick:")
@@ -137,6 +142,24 @@ def test_sample_and_eval_modes(trained):
   assert os.path.exists(os.path.join(trained, "eval", "eval_step000004.json"))
   assert json.load(open(os.path.join(trained, "eval", "best.json")))["step"] == 4
   assert os.path.exists(os.path.join(trained, "eval", "metrics.png"))
+
+
+def test_a_finished_train_run_ends_with_the_quality_line(trained, tmp_path, caplog):
+  import shutil
+  shutil.copytree(os.path.join(trained, "checkpoints"), tmp_path / "checkpoints")
+  c = load_config("ddpm_cifar10", "tiny")
+  c.train.update(num_steps=5, preview_every=0)
+  c.eval.quality_line = True
+  with caplog.at_level("INFO"):
+    out = train.run(c, str(tmp_path))
+  q = out["quality"]
+  assert q["num"] == c.eval.quality_samples and np.isfinite(q["quick_fd"])
+  assert "Quality of 16 samples at step 5 (quick:" in caplog.text
+  saved = json.load(open(tmp_path / "eval" / "quality_step000005.json"))
+  assert saved["shape_score"] == q["shape_score"] and saved["real_confident"] == q["real_confident"]
+  assert any("quality_shape_score" in row for row in writers.history(str(tmp_path)))
+  # A run stopped early (here: already at num_steps) draws nothing.
+  assert "quality" not in train.run(c, str(tmp_path))
 
 
 def test_eval_with_inception_and_reference_stats_files(trained, tmp_path):
