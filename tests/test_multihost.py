@@ -209,6 +209,7 @@ def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tm
   flags = ["--config.stages.base.train.num_steps=2", "--config.stages.sr_64.train.num_steps=2",
            "--config.stages.base.model.ch_mult=1", "--config.stages.sr_64.model.ch_mult=1",
            "--config.stages.base.model.attn_resolutions=",
+           "--config.stages.sr_64.eval.quality_line=true",  # Scored on 2 processes too.
            "--config.stages.base.train.preview_every=0",
            "--config.stages.sr_64.train.preview_every=0"]
   # Both modes in one launch (one start-up and one jax.distributed job, as a pod job would).
@@ -220,3 +221,6 @@ def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tm
   assert {"final.png", "base.png", "sr_64.png", "final.npz"} <= set(os.listdir(out_dir))
   imgs = np.load(os.path.join(out_dir, "final.npz"))["images"]
   assert imgs.shape == (8, 16, 16, 3) and len({im.tobytes() for im in imgs}) == 8
+  # The SR stage's train run and the pipeline end with the quality line on every process.
+  for log in logs:
+    assert "Quality of 16 samples at step 2" in log and "Quality of 8 pipeline samples" in log

@@ -51,7 +51,8 @@ def get_config(arg=None):
                   batch_size=1024)
     c.model.update(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
                    head_channels=64, dropout=0.1, use_scale_shift_norm=True, num_groups=32,
-                   class_conditional=True)
+                   class_conditional=True,
+                   dtype="bfloat16")  # TPU training (Google's study): bf16 compute, fp32 state.
     d.num_timesteps = 1000  # Sampling steps (the training process is continuous).
     c.optim.update(name="adamw", lr=1e-3, warmup_steps=10_000, weight_decay=0.01,
                    grad_clip=1.0, ema_decay=0.9999, ema_warmup=False)

@@ -167,10 +167,13 @@ def train_feature_net(data_config, steps: int = DEFAULT_STEPS, seed: int = 0,
           "final_train_accuracy": float(acc), "weights_hash": trees.content_hash(params)}
   net = FeatureNet(params, meta)
   if num_classes > 1:
-    # This process's devices only: process 0 trains and measures it, the others wait.
+    # On this process's default device (not `probs`, which shards over every process's
+    # devices): in a multi-process job only process 0 trains and measures the network.
     images, labels = data_lib.sample_examples(data_config, HELDOUT_EXAMPLES,
                                               split=data_config.eval_split)
-    pred = net.probs(images).argmax(-1)
+    probs = jax.jit(_probs_fn(num_classes))
+    pred = np.concatenate([np.asarray(probs(params, images[lo:lo + 250])).argmax(-1)
+                           for lo in range(0, len(images), 250)])
     meta.update(accuracy=float(np.mean(pred == labels)), accuracy_examples=int(len(labels)),
                 accuracy_split=("all (a folder has no held-out split)"
                                 if data_config.name == "folder" else data_config.eval_split))
