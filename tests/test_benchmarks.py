@@ -19,6 +19,8 @@ SCRIPTS = {
     "folder_cache.py": ["--num=12", "--size=16", "--resolution=8"],
     "data_resume.py": ["--examples=40", "--batch-size=8", "--tfrecord-steps=2"],
     "growth_convergence.py": ["--tiny", "--budget=1", "--chunk=2", "--num-samples=8"],
+    "peer_time_to_quality.py": TINY_UNET + ["--budget=0.1", "--eval-every=1", "--num-samples=8",
+                                            "--ddim-steps=2", "--feature-steps=20"],
     "objectives.py": ["--config=dgm_cifar10:tiny", "--steps=3", "--chunk=3", "--skip=0",
                       "--variants=simple,iwdiff_k2+importance"],
 }
