@@ -137,7 +137,8 @@ def train_feature_net(data_config, steps: int = DEFAULT_STEPS, seed: int = 0,
   num_classes = max(int(data_config.num_classes), 1)
   model = Classifier(num_classes)
   train_data = data_config
-  least = MIN_EMBEDDED_PIXELS // int(data_config.resolution) ** 2
+  # ... but never more than the recipe draws (short smoke-test recipes render few).
+  least = min(MIN_EMBEDDED_PIXELS // int(data_config.resolution) ** 2, steps * batch_size)
   if data_config.name == "embedded" and data_config.num_examples < least:
     train_data = ml_collections.ConfigDict(data_config.to_dict())
     train_data.num_examples = least
