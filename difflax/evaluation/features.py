@@ -2,7 +2,9 @@
 
 Contract: `train_feature_net(data_config, steps, seed)` trains a small CNN classifier on a dataset
 (the embedded one by default) with a fixed recipe, and returns a `FeatureNet` bundle whose
-`features(images: [N, H, W, C] in [-1, 1]) -> [N, 128] float32` are its penultimate activations.
+`features(images: [N, H, W, C] in [-1, 1]) -> [N, 128] float32` are its penultimate activations
+and `probs(images) -> [N, num_classes]` its class probabilities; `accuracy` is its accuracy on
+the eval split, measured after training and kept in its metadata.
 Bundles save to / load from one weights file (`fileio.save_weights`) and carry `weights_hash`
 (`trees.content_hash` of their weights): quick FD / KID are always reported with it
 ("quick:<hash>") so they are never mistaken for Inception FID, which needs the standard network.
