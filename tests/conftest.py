@@ -44,16 +44,3 @@ def tiny_config():
 
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest)"
-
-
-# pytest-xdist hands whole modules to its two workers (`--dist loadfile`), by default the modules
-# with the most tests first; `.ci/run` turns that off (`--no-loadscope-reorder`) and this starts
-# the longest-running modules first instead (measured on a cold 2-core run), so the two workers
-# finish close together (longest-processing-time-first scheduling).
-SLOWEST_FIRST = ("test_train.py", "test_multihost.py", "test_growth.py", "test_benchmarks.py",
-                 "test_colabs.py", "test_parallel.py", "test_cascade.py", "test_features.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
