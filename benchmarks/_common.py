@@ -24,6 +24,8 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--channels", default="64,128,128", help="channels per level (ch * mult)")
   p.add_argument("--num-res-blocks", type=int, default=2)
   p.add_argument("--attn", default="16", help="attention resolutions (the middle always has one)")
+  p.add_argument("--patch-size", type=int, default=1, help="model.patch_size (space-to-depth)")
+  p.add_argument("--groups", type=int, default=32, help="GroupNorm groups")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
   p.add_argument("--warmup", type=int, default=3)
@@ -39,7 +41,8 @@ def reference_config(args):
   c.model.update(ch=chans[0], ch_mult=tuple(x // chans[0] for x in chans),
                  num_res_blocks=args.num_res_blocks,
                  attn_resolutions=tuple(int(a) for a in args.attn.split(",") if a),
-                 num_heads=1, num_groups=32, dtype=args.dtype)
+                 num_heads=1, num_groups=args.groups, patch_size=args.patch_size,
+                 dtype=args.dtype)
   c.diffusion.update(schedule="linear", num_timesteps=1000)
   c.optim.update(lr=2e-4, warmup_steps=1, grad_clip=0.0)
   c.mesh.update(data=-1, fsdp=1)

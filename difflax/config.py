@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
       class_conditional=False,
       label_dropout=0.1,    # Probability of the null label in training (classifier-free guidance).
       project_downsample=False,  # Downsamples change channels to the next level's (growth).
+      patch_size=1,         # >1: the UNet runs on p x p patches folded into channels (space-to-
+                            # depth, "simple diffusion"); levels start at data.resolution / p.
       dtype="float32",
   ))
 
@@ -144,6 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       type="simple",        # "simple" | "hybrid" | "vlb"
       vlb_weight=0.001,     # lambda of the hybrid objective (improved-DDPM).
+      min_snr_gamma=0.0,    # >0: min-SNR-gamma MSE weighting (Hang et al. 2023; 5 in the paper).
       # Paper 002 Sec. 2.2.1 / 4.5: timesteps drawn p_t ∝ sqrt(E[L_t^2]) from a per-t history
       # of recent losses (discrete diffusion), the loss reweighted by 1 / (T p_t).
       timestep_sampler="uniform",  # "uniform" | "importance"
@@ -398,12 +401,15 @@ def validate(c: Any) -> None:
                       "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
   for name in (c.train.preview_sampler, c.sample.sampler):
     samplers.get_sampler(name)
-  levels = len(c.model.ch_mult)
-  if c.data.resolution % 2 ** (levels - 1):
+  levels, p = len(c.model.ch_mult), int(c.model.patch_size)
+  if p < 1 or (p > 1 and growth.enabled(c)):
+    raise ConfigError(f"config.model.patch_size={p}: it must be >= 1 and 1 with progressive "
+                      "growth (growth adds levels at the full resolution).")
+  if c.data.resolution % (p * 2 ** (levels - 1)):
     raise ConfigError(f"config.data.resolution={c.data.resolution} does not fit "
-                      f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}): it must be "
-                      f"divisible by {2 ** (levels - 1)}.")
-  level_res = {c.data.resolution // 2 ** i for i in range(levels)}
+                      f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}) on {p}x{p} "
+                      f"patches: it must be divisible by {p * 2 ** (levels - 1)}.")
+  level_res = {c.data.resolution // p // 2 ** i for i in range(levels)}
   bad = [r for r in c.model.attn_resolutions if r not in level_res]
   if bad:
     raise ConfigError(f"config.model.attn_resolutions={tuple(c.model.attn_resolutions)} names "
@@ -430,6 +436,9 @@ def validate(c: Any) -> None:
   if lc.resampler_extra_updates and lc.timestep_sampler != "importance":
     raise ConfigError("config.loss.resampler_extra_updates refreshes the importance sampler's "
                       "history: set config.loss.timestep_sampler='importance' too.")
+  if lc.min_snr_gamma < 0 or (lc.min_snr_gamma > 0 and c.diffusion.type == "ncsn"):
+    raise ConfigError(f"config.loss.min_snr_gamma={lc.min_snr_gamma}; it must be >= 0 (0 = off) "
+                      "and weights discrete / continuous diffusion losses, not NCSN's.")
   if lc.iwdiff_k < 1:
     raise ConfigError(f"config.loss.iwdiff_k={lc.iwdiff_k}; it must be >= 1 (1 = off).")
   if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:

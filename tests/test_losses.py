@@ -234,3 +234,40 @@ def test_short_chain_preset_is_sec_4_3s():
   # Like the T=1000 chain it ends at (almost) pure noise.
   long = np.cumprod(1 - schedules.linear_betas(1000))[-1]
   assert np.cumprod(1 - betas)[-1] < 1e-3 and long < 1e-3
+
+
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_gamma_is_the_same_x0_loss_in_every_parameterization(gamma):
+  # Hang et al. 2023 Sec. 3.4: whatever the network predicts, the weighted loss is
+  # min(SNR_t, gamma) ||x0_hat - x0||^2 for the x0_hat its output implies.
+  _, x0, noise, t, _ = setup()
+  x0_hat = x0 + 0.1 * jax.random.normal(jax.random.key(7), x0.shape)
+  want = None
+  for model_output in ("eps", "x0", "v"):
+    d = D.build(schedules.linear_betas(T), model_output=model_output)
+    ab = d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = D.q_sample(d, x0, t, noise)
+    eps_hat = (x_t - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1 - ab)
+    out = {"eps": eps_hat, "x0": x0_hat,
+           "v": jnp.sqrt(ab) * eps_hat - jnp.sqrt(1 - ab) * x0_hat}[model_output]
+    got = losses.training_losses(d, lambda x, tt: out, x0, t, noise,
+                                 min_snr_gamma=gamma)["loss"]
+    snr = d.alphas_cumprod[t] / (1 - d.alphas_cumprod[t])
+    want = jnp.minimum(snr, gamma) * ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+  # The cap binds: at t=0 the SNR is far above gamma, at t=T-1 far below.
+  snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+  assert float(snr[0]) > gamma > float(snr[-1])
+
+
+def test_min_snr_gamma_weights_the_continuous_loss_too():
+  gamma = schedules.get_gamma("cosine")
+  x0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 1)) * 0.5
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  net = lambda x, t: 0.3 * x
+  t = jnp.array([0.1, 0.5, 0.9])
+  plain = losses.continuous_losses(gamma, net, x0, t, noise, model_output="x0")["loss"]
+  weighted = losses.continuous_losses(gamma, net, x0, t, noise, model_output="x0",
+                                      min_snr_gamma=1.0)["loss"]
+  g = gamma(t)
+  np.testing.assert_allclose(weighted, plain * jnp.minimum(g / (1 - g), 1.0), rtol=1e-5)

@@ -119,3 +119,27 @@ def test_mbconv_unet_starts_as_identity_blocks_and_takes_a_training_step():
   assert float(loss(params)[0]) < float(l0)
   with pytest.raises(ValueError, match="Unknown block kind"):
     tiny(block="convnext").init(jax.random.key(0), x, t)
+
+
+def test_patch_size_runs_the_unet_on_folded_patches():
+  # "simple diffusion" input downsampling: levels at H/p, outputs back at H x W, and each output
+  # pixel's channels come from its own patch position (depth-to-space inverts space-to-depth).
+  m = tiny(learn_sigma=True, patch_size=2, attn_resolutions=(2,))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  low = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+  params = m.init(jax.random.key(0), x, jnp.array([0, 5]), low_res=low)["params"]
+  assert {"in_4", "down_4", "down_2", "out_4"} <= set(params) and "in_8" not in params
+  assert params["in_4"]["kernel"].shape[2] == 2 * 2 * 6  # p*p*(C + low-res C) channels.
+  assert params["out_4"]["kernel"].shape[3] == 2 * 2 * 6  # p*p*2C (mean and variance).
+  out = m.apply({"params": perturbed(params)}, x, jnp.array([1, 2]), low_res=low)
+  assert out.shape == (2, 8, 8, 6)
+  # The output head's channel block k lands at patch offset k: zero one block, one pixel of
+  # every 2x2 patch goes to 0.
+  p2 = perturbed(params)
+  kern = p2["out_4"]["kernel"].at[..., 6:12].set(0.0)
+  p2 = {**p2, "out_4": {"kernel": kern, "bias": p2["out_4"]["bias"].at[6:12].set(0.0)}}
+  out2 = m.apply({"params": p2}, x, jnp.array([1, 2]), low_res=low)
+  assert float(jnp.abs(out2[:, 0::2, 1::2]).max()) == 0.0
+  assert float(jnp.abs(out2[:, 0::2, 0::2]).min()) > 0.0
+  with pytest.raises(ValueError, match="patch_size"):
+    m.init(jax.random.key(0), jnp.zeros((1, 7, 7, 3)), jnp.array([0]))

@@ -34,7 +34,7 @@ def build_model(config, growth_state=None):
       out_channels=config.data.channels,
       num_classes=config.data.num_classes if m.class_conditional else 0,
       aug_level_cond=config.cond.aug == "gaussian", project_downsample=m.project_downsample,
-      dtype=DTYPES[m.dtype],
+      patch_size=m.patch_size, dtype=DTYPES[m.dtype],
       **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 

@@ -10,6 +10,11 @@ tree surgery without renaming anything that exists: `in_32` (input conv), `down_
 consumes only skips made at its own resolution (the input conv / previous downsample and its own
 down level's blocks), so levels are self-contained.
 
+`patch_size` p > 1 runs the whole UNet on p x p patches folded into channels (space-to-depth in,
+depth-to-space out; Hoogeboom, Heek & Salimans 2023, "simple diffusion": downsample the input
+before the first layer so no level works at the full resolution): x: [B, H, W, C] becomes
+[B, H/p, W/p, p*p*C] after any `low_res` is concatenated, levels and names are at H/p, H/2p, ...
+
 Conditioning for later stages, all optional and off by default:
   y          class labels [B] int; `num_classes` ids plus a null id `num_classes` (for
              classifier-free guidance dropout); y=None means the null id.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,17 +105,22 @@ class UNet(nn.Module):
   # Downsamples project to the next level's channels, so a grown level feeds the next level what
   # its input convolution used to (needed by growth; off for the DDPM architecture).
   project_downsample: bool = False
+  patch_size: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, t, y=None, low_res=None, aug_level=None, train: bool = False,
                fade_weight=None):
     batch, res, _, channels = x.shape
+    p = self.patch_size
+    if p > 1 and (res % p or self.skip_levels or self.fade):
+      raise ValueError(f"patch_size={p} needs a resolution divisible by it ({res}) and no "
+                       "progressive growth.")
     levels = len(self.ch_mult)
     active = range(self.skip_levels, levels)
     full_res = res * 2 ** self.skip_levels
-    if full_res % 2 ** (levels - 1):
-      raise ValueError(f"Resolution {full_res} is not divisible by 2^{levels - 1} "
+    if (full_res // p) % 2 ** (levels - 1):
+      raise ValueError(f"Resolution {full_res // p} is not divisible by 2^{levels - 1} "
                        f"(ch_mult={tuple(self.ch_mult)}): pick a resolution or fewer levels.")
     if self.fade and (self.skip_levels >= levels - 1 or not self.project_downsample):
       raise ValueError("fade needs a previous (inner) level and project_downsample=True.")
@@ -129,6 +140,9 @@ class UNet(nn.Module):
     if low_res is not None:
       up = jax.image.resize(low_res, (batch, res, res, low_res.shape[-1]), "bilinear")
       x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
+    if p > 1:
+      x = einops.rearrange(x, "b (h p1) (w p2) c -> b h w (p1 p2 c)", p1=p, p2=p)
+      res, full_res = res // p, full_res // p
     emb = emb.astype(self.dtype)
 
     block_kwargs = dict(kind=self.block, dropout=self.dropout,
@@ -186,7 +200,9 @@ class UNet(nn.Module):
       if self.fade and i == top + 1:
         old_out = self._head(pre, r, out_ch)
     assert not skips, "every skip must be consumed"
-    out = self._head(h, res, out_ch)
+    out = self._head(h, res, out_ch * p * p)
+    if p > 1:
+      out = einops.rearrange(out, "b h w (p1 p2 c) -> b (h p1) (w p2) c", p1=p, p2=p)
     if old_out is not None:
       old_up = images.nearest_upsample(old_out, 2)
       out = lam * out + (1 - lam) * old_up
