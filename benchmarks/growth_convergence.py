@@ -30,7 +30,8 @@ def load(arg: str):
   return c
 
 
-def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: str) -> list:
+def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: str,
+               feature_steps: int = 0) -> list:
   import jax
   from absl import logging
   from difflax import experiment, train
@@ -40,6 +41,8 @@ def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: s
   c.train.update(preview_every=0, checkpoint_every=chunk, num_steps=10**6)
   c.eval.update(bpd=False, num_samples=num_samples,
                 reference_examples=min(1000, c.data.num_examples))
+  if feature_steps:
+    c.eval.feature_steps = feature_steps
   evaluator, rows, spent, step = None, [], 0.0, 0
   while spent < budget:
     c.train.num_steps = step + chunk
@@ -65,13 +68,15 @@ def main():
   p.add_argument("--num-samples", type=int, default=128)
   p.add_argument("--out", default="growth_convergence.png")
   p.add_argument("--tiny", action="store_true", help="the :tiny presets (a smoke run)")
+  p.add_argument("--feature-steps", type=int, default=0,
+                 help="quick feature network recipe steps (0 = the config's; smoke runs: 20)")
   args = p.parse_args()
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name, arg in (("progressive", ""), ("static", "static")):
       arg = ",".join(a for a in (arg, "tiny" if args.tiny else "") if a)
       results[name] = run_preset(arg, args.budget, args.chunk, args.num_samples,
-                                 os.path.join(tmp, name))
+                                 os.path.join(tmp, name), args.feature_steps)
   try:
     import matplotlib
     matplotlib.use("Agg")
