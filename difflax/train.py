@@ -114,6 +114,11 @@ class Phase:
     cond = sampling.model_conditions(exp, c.train.preview_num, exp.keys["preview"], step)
     imgs, _ = sampling.generate(exp, self.preview_fn, state.ema_params, exp.keys["preview"],
                                 c.train.preview_num, c.train.preview_num, cond=cond)
+    self.write_grid(imgs, cond, step, writer)
+
+  def write_grid(self, imgs, cond, step: int, writer) -> None:
+    """samples/step_<N>.png (an SR stage's: conditioning beside output) and the writer's image."""
+    exp = self.exp
     grid = (images_lib.make_pair_grid(cond["low_res"], imgs) if cond and "low_res" in cond
             else images_lib.make_grid(imgs))
     if jax.process_index() == 0:
@@ -131,13 +136,17 @@ class Phase:
 def final_quality(phase: Phase, state, step: int, writer) -> dict:
   """The quality line of a finished run: `eval.quality_samples` EMA samples drawn with the
   preview sampler, scored against the data (`evaluation.quality`); numbers to the writer as
-  `quality_*` and to workdir/eval/quality_step<N>.json."""
+  `quality_*` and to workdir/eval/quality_step<N>.json; the first `train.preview_num` are the
+  final preview grid (one sampling pass for both)."""
   exp, c = phase.exp, phase.exp.config
   fn = phase.preview_fn or sampling.make_sample_fn(exp, c.train.preview_sampler,
                                                    c.train.preview_steps)
   n, key = c.eval.quality_samples, exp.keys["eval"]
   cond = sampling.model_conditions(exp, n, key, step)
   imgs, _ = sampling.generate(exp, fn, state.ema_params, key, n, c.sample.batch_size, cond=cond)
+  if c.train.preview_every:  # The final preview (the loop leaves it to these samples).
+    k = min(n, c.train.preview_num)
+    phase.write_grid(imgs[:k], cond and {name: v[:k] for name, v in cond.items()}, step, writer)
   result = quality.report(c, imgs, exp.mesh, f"samples at step {step}")
   writer.write_scalars(step, {f"quality_{k}": v for k, v in result.items()
                               if isinstance(v, float)})
@@ -224,7 +233,10 @@ def train(config, workdir: str) -> dict:
         with report.timed("periodic", wait_jax_async_dispatch=False):
           if final or every(t.checkpoint_every, step):
             exp.checkpointer.save(step, state, meta())
-          if phase.preview_fn is not None and every(t.preview_every, step, final):
+          # The quality line samples the final step anyway: its first samples are that grid.
+          quality_next = final and not stopping and c.eval.quality_line
+          if (phase.preview_fn is not None and every(t.preview_every, step, final)
+              and not quality_next):
             phase.preview(state, step, writer)
           if phase.evaluator is not None and every(t.eval_every, step, final):
             phase.evaluate(state, step, writer, meta())

@@ -79,6 +79,7 @@ def sr_stage(paper: bool, low_res: int = 32, resolution: int = 64):
     c.optim.lr = 2e-3
     c.cond.update(max_level=400, sample_level=100)
     c.train.update(num_steps=300, checkpoint_every=150, preview_every=300)
+    c.eval.quality_samples = 64  # Conditioned on real low-res images; the pipeline's line counts.
     c.sample.update(sampler="ddpm", steps="50")
   return c
 

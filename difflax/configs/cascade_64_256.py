@@ -62,6 +62,7 @@ def get_config(arg=None):
     base.data.resolution = 16
     stages = {"base": base, "sr_32": cdm.sr_stage(False, low_res=16, resolution=32),
               "sr_64": blur_stage(False, 32, 64)}
+    stages["sr_64"].model.class_conditional = True  # As the 32_64 stages it builds on.
   c = cascade.cascade_config(stages)
   if "tiny" in presets:
     preset_lib.apply_tiny_cascade(c)
