@@ -148,11 +148,16 @@ def test_a_finished_train_run_ends_with_the_quality_line(trained, tmp_path, capl
   import shutil
   shutil.copytree(os.path.join(trained, "checkpoints"), tmp_path / "checkpoints")
   c = load_config("ddpm_cifar10", "tiny")
-  c.train.update(num_steps=5, preview_every=0)
+  c.train.update(num_steps=5, preview_every=4)
   c.eval.quality_line = True
   with caplog.at_level("INFO"):
     out = train.run(c, str(tmp_path))
   q = out["quality"]
+  # The final preview grid is the quality line's first preview_num samples (one pass for both).
+  from PIL import Image
+  grid = Image.open(tmp_path / "samples" / "step_000005.png")
+  assert c.train.preview_num == 8  # 8 samples of 8x8 in a 3x3 grid: 32 px, saved x8.
+  assert grid.size == (8 * (3 * (8 + 2) + 2),) * 2
   assert q["num"] == c.eval.quality_samples and np.isfinite(q["quick_fd"])
   assert "Quality of 16 samples at step 5 (quick:" in caplog.text
   saved = json.load(open(tmp_path / "eval" / "quality_step000005.json"))
