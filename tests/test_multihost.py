@@ -3,7 +3,10 @@ started through launch/local.sh, against the same configs on 1 process (8 or 1 d
 
 One module-scoped 2-process run (8 steps, fsdp=2 spanning both processes) is shared by the
 tests that read it; the others launch their own jobs. Every launch is a real `python -m
-difflax.main` job per process."""
+difflax.main` job per process. The shared 2-process run and its 1-process reference run side
+by side (the reference's compiles fill the 2-process job's waits); two 2-process jobs side by
+side measured no faster than one after the other on 2 cores (compiles are CPU-bound, gloo
+waits spin)."""
 import glob
 import json
 import os
@@ -43,13 +46,29 @@ def env(**extra):
   return out
 
 
-def local_sh(n, config, workdir, *flags, timeout=600, **extra_env):
-  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(n), config,
-                         str(workdir), *flags], cwd=REPO, env=env(**extra_env),
-                        capture_output=True, text=True, timeout=timeout)
-  logs = [open(os.path.join(workdir, "logs", f"process_{i}.log")).read() for i in range(n)]
-  assert proc.returncode == 0, "\n".join(l[-3000:] for l in logs)
-  return logs
+class Launch:
+  """`launch/local.sh N CONFIG WORKDIR FLAGS` started in the background; `logs()` waits for it,
+  asserts it succeeded and returns each process's log."""
+
+  def __init__(self, n, config, workdir, *flags, **extra_env):
+    self.n, self.workdir = n, workdir
+    self.proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"), str(n),
+                                  config, str(workdir), *flags], cwd=REPO, env=env(**extra_env),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  def logs(self, timeout=600):
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    finally:
+      self.proc.kill()
+    logs = [open(os.path.join(self.workdir, "logs", f"process_{i}.log")).read()
+            for i in range(self.n)]
+    assert rc == 0, "\n".join(l[-3000:] for l in logs)
+    return logs
+
+
+def local_sh(n, config, workdir, *flags, **extra_env):
+  return Launch(n, config, workdir, *flags, **extra_env).logs()
 
 
 def tiny_config():
@@ -81,29 +100,38 @@ def assert_trees_equal(a, b, exact=True):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
+  """The 2-process run and its reference, the same command on 1 process x 8 devices with a
+  preview at the end. The two jobs run side by side: each spends part of its time waiting (on
+  the other process, barriers, file writes), which the other fills (see `Launch`)."""
   workdir = tmp_path_factory.mktemp("mp") / "run"
-  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *FLAGS)
-  return workdir, logs
+  sp = workdir.parent / "sp"
+  sp.mkdir()
+  with open(sp / "stderr.log", "w") as err:
+    ref = subprocess.Popen([sys.executable, "-m", "difflax.main", "--config=ddpm_cifar10:tiny",
+                            f"--workdir={sp}", *FLAGS, "--config.train.preview_every=8"],
+                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                           stdout=subprocess.DEVNULL, stderr=err)
+    try:
+      logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *FLAGS)
+      ref.wait(timeout=600)
+    finally:
+      ref.kill()
+  stderr = open(sp / "stderr.log").read()
+  assert ref.returncode == 0, stderr[-3000:]
+  return workdir, logs, sp, stderr
 
 
 def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_its_outputs(
-    two_process_run, tmp_path):
-  workdir, logs = two_process_run
+    two_process_run):
+  workdir, logs, sp, stderr = two_process_run
   assert "process 1 of 2, 4 local / 8 global devices" in logs[1]
-  # The reference: the same command on 1 process x 8 devices, with a preview at the end.
-  sp = tmp_path / "sp"
-  proc = subprocess.run([sys.executable, "-m", "difflax.main", "--config=ddpm_cifar10:tiny",
-                         f"--workdir={sp}", *FLAGS, "--config.train.preview_every=8"],
-                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
   # What a CLI run leaves behind: checkpoints, TensorBoard events, the preview, its config, one
   # metric history (training metrics, clu's steps_per_sec, compile seconds, evals), the plot,
   # and the best eval's state apart from the keep-N rotation of checkpoints/.
   assert os.path.isdir(sp / "checkpoints" / "8") and glob.glob(str(sp / "events.out.tfevents.*"))
   assert os.path.exists(sp / "samples" / "step_000008.png")
   assert json.load(open(sp / "config.json"))["train"]["num_steps"] == 8
-  assert "loss=" in proc.stderr and "compile_secs" in proc.stderr
+  assert "loss=" in stderr and "compile_secs" in stderr
   history = writers.history(str(sp))
   assert [h["step"] for h in history if "quick_fd" in h] == [8]
   assert any("eval_bpd" in h for h in history) and any("compile_secs" in h for h in history)
@@ -111,15 +139,15 @@ def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_it
   assert os.path.exists(sp / "eval" / "metrics.png") and os.path.isdir(sp / "best" / "8")
   assert json.load(open(sp / "eval" / "best.json"))["is_best"]
   loss = lambda w: [r["loss"] for r in writers.history(str(w)) if "loss" in r]
-  want, got = loss(tmp_path / "sp"), loss(workdir)
+  want, got = loss(sp), loss(workdir)
   assert len(got) == 8
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # The 2-process checkpoint restores on this single process (another topology) and matches;
   # the params moved (warm-up 1), so the comparison is not between two initialisations.
-  sp, mp = restore(tmp_path / "sp"), restore(workdir)
+  sp_state, mp = restore(sp), restore(workdir)
   assert int(mp.step) == 8
-  assert_trees_equal(sp, mp, exact=False)
-  init = experiment.init_state(experiment.setup(tiny_config(), str(tmp_path / "init")))
+  assert_trees_equal(sp_state, mp, exact=False)
+  init = experiment.init_state(experiment.setup(tiny_config(), str(workdir.parent / "init")))
   moved = [float(np.abs(a - b).max()) for a, b in
            zip(jax.tree_util.tree_leaves(mp.params), jax.tree_util.tree_leaves(init.params))]
   assert np.median(moved) > 1e-3
@@ -127,13 +155,13 @@ def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_it
   # gives the single-process quick FD.
   ev = lambda w: json.load(open(os.path.join(w, "eval", "eval_step000008.json")))
   for k in ("quick_fd", "eval_bpd"):  # Bits/dim: eval batches sharded across processes too.
-    np.testing.assert_allclose(ev(workdir)[k], ev(tmp_path / "sp")[k], rtol=1e-3)
+    np.testing.assert_allclose(ev(workdir)[k], ev(sp)[k], rtol=1e-3)
   assert "quick_fd=" in logs[1]  # Every process computed it (and agreed, or FD would differ).
 
 
 def test_checkpoints_move_between_2x4_and_1x1_and_sample_shards_are_written_once(
     two_process_run, tmp_path):
-  workdir, _ = two_process_run
+  workdir = two_process_run[0]
   # 1 process x 1 device: the fsdp=2 checkpoint written by 2 x 4 restores, trains two more
   # steps, samples (the preview at step 10) and writes a 1-device checkpoint.
   one = tmp_path / "one"
@@ -188,32 +216,39 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   assert_trees_equal(restore(workdir), restore(two_process_run[0]))
 
 
+# Growth is what is tested here: the plain eps-MSE loss and constant channels keep the three
+# architectures' programs (step, surgery, checksums) small; each compiles on a cold cache.
+GROWTH = ("--config.growth.fade_kind=abrupt", "--config.loss.type=simple",
+          "--config.diffusion.var_type=fixed_small", "--config.model.ch_mult=1,1,1",
+          "--config.train.num_steps=6", "--config.train.preview_every=0", "--config.mesh.data=4",
+          "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64")
+CASCADE = ("--config.stages.base.train.num_steps=2", "--config.stages.sr_64.train.num_steps=2",
+           "--config.stages.base.model.ch_mult=1", "--config.stages.sr_64.model.ch_mult=1",
+           "--config.stages.base.model.attn_resolutions=",
+           "--config.stages.sr_64.eval.quality_line=true",  # Scored on 2 processes too,
+           "--config.stages.sr_64.eval.feature_steps=20",   # by a quick network (plumbing).
+           "--config.stages.base.train.preview_every=0",
+           "--config.stages.sr_64.train.preview_every=0",
+           # Both modes in one launch (one start-up and one jax.distributed job, as a pod job).
+           "--mode=train,sample")
+
+
 def test_progressive_growth_across_processes_with_fsdp(tmp_path):
-  workdir = tmp_path / "grow"
-  logs = local_sh(2, "progressive_cifar10:tiny", workdir, "--config.growth.fade_kind=abrupt",
-                  "--config.train.num_steps=6", "--config.train.preview_every=0",
-                  "--config.mesh.data=4", "--config.mesh.fsdp=2",
-                  "--config.mesh.fsdp_min_size=64")
-  for log in logs:
+  job = Launch(2, "progressive_cifar10:tiny", tmp_path / "grow", *GROWTH)
+  for log in job.logs():
     assert log.count("Growth at step") == 2 and "Growth surgery: kept" in log
   c = load_config("progressive_cifar10", "tiny")
   c.growth.fade_kind = "abrupt"
-  exp = experiment.setup(c, str(workdir))
+  c.loss.type, c.diffusion.var_type, c.model.ch_mult = "simple", "fixed_small", (1, 1, 1)
+  exp = experiment.setup(c, str(job.workdir))
   meta = exp.checkpointer.read_meta()
   exp.close()
   assert meta["step"] == 6 and meta["resolution"] == 16 and meta["growth"]["stage"] == 2
 
 
 def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tmp_path):
-  workdir = tmp_path / "cdm"
-  flags = ["--config.stages.base.train.num_steps=2", "--config.stages.sr_64.train.num_steps=2",
-           "--config.stages.base.model.ch_mult=1", "--config.stages.sr_64.model.ch_mult=1",
-           "--config.stages.base.model.attn_resolutions=",
-           "--config.stages.sr_64.eval.quality_line=true",  # Scored on 2 processes too.
-           "--config.stages.base.train.preview_every=0",
-           "--config.stages.sr_64.train.preview_every=0"]
-  # Both modes in one launch (one start-up and one jax.distributed job, as a pod job would).
-  logs = local_sh(2, "cascade_32_64:tiny", workdir, *flags, "--mode=train,sample")
+  job = Launch(2, "cascade_32_64:tiny", tmp_path / "cdm", *CASCADE)
+  logs, workdir = job.logs(), job.workdir
   assert all(log.count("Cascade stage") == 2 for log in logs)
   for stage in ("base", "sr_64"):
     assert sorted(os.listdir(workdir / stage / "checkpoints")) == ["2"]
