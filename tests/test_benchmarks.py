@@ -16,6 +16,8 @@ SCRIPTS = {
     "train_throughput.py": TINY_UNET,
     "sample_throughput.py": TINY_UNET + ["--sample-steps=2"],
     "step_breakdown.py": TINY_UNET,
+    "conv_breakdown.py": ["--resolution=8", "--batch-size=2", "--channels=8", "--steps=1",
+                          "--warmup=1"],
     "folder_cache.py": ["--num=12", "--size=16", "--resolution=8"],
     "data_resume.py": ["--examples=40", "--batch-size=8", "--tfrecord-steps=2"],
     "growth_convergence.py": ["--tiny", "--budget=1", "--chunk=2", "--num-samples=8",
