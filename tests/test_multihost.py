@@ -46,29 +46,13 @@ def env(**extra):
   return out
 
 
-class Launch:
-  """`launch/local.sh N CONFIG WORKDIR FLAGS` started in the background; `logs()` waits for it,
-  asserts it succeeded and returns each process's log."""
-
-  def __init__(self, n, config, workdir, *flags, **extra_env):
-    self.n, self.workdir = n, workdir
-    self.proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"), str(n),
-                                  config, str(workdir), *flags], cwd=REPO, env=env(**extra_env),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-  def logs(self, timeout=600):
-    try:
-      rc = self.proc.wait(timeout=timeout)
-    finally:
-      self.proc.kill()
-    logs = [open(os.path.join(self.workdir, "logs", f"process_{i}.log")).read()
-            for i in range(self.n)]
-    assert rc == 0, "\n".join(l[-3000:] for l in logs)
-    return logs
-
-
-def local_sh(n, config, workdir, *flags, **extra_env):
-  return Launch(n, config, workdir, *flags, **extra_env).logs()
+def local_sh(n, config, workdir, *flags, timeout=600, **extra_env):
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(n), config,
+                         str(workdir), *flags], cwd=REPO, env=env(**extra_env),
+                        capture_output=True, text=True, timeout=timeout)
+  logs = [open(os.path.join(workdir, "logs", f"process_{i}.log")).read() for i in range(n)]
+  assert proc.returncode == 0, "\n".join(l[-3000:] for l in logs)
+  return logs
 
 
 def tiny_config():
@@ -102,7 +86,7 @@ def assert_trees_equal(a, b, exact=True):
 def two_process_run(tmp_path_factory):
   """The 2-process run and its reference, the same command on 1 process x 8 devices with a
   preview at the end. The two jobs run side by side: each spends part of its time waiting (on
-  the other process, barriers, file writes), which the other fills (see `Launch`)."""
+  the other process, barriers, file writes), which the other fills."""
   workdir = tmp_path_factory.mktemp("mp") / "run"
   sp = workdir.parent / "sp"
   sp.mkdir()
@@ -234,21 +218,21 @@ CASCADE = ("--config.stages.base.train.num_steps=2", "--config.stages.sr_64.trai
 
 
 def test_progressive_growth_across_processes_with_fsdp(tmp_path):
-  job = Launch(2, "progressive_cifar10:tiny", tmp_path / "grow", *GROWTH)
-  for log in job.logs():
+  workdir = tmp_path / "grow"
+  for log in local_sh(2, "progressive_cifar10:tiny", workdir, *GROWTH):
     assert log.count("Growth at step") == 2 and "Growth surgery: kept" in log
   c = load_config("progressive_cifar10", "tiny")
   c.growth.fade_kind = "abrupt"
   c.loss.type, c.diffusion.var_type, c.model.ch_mult = "simple", "fixed_small", (1, 1, 1)
-  exp = experiment.setup(c, str(job.workdir))
+  exp = experiment.setup(c, str(workdir))
   meta = exp.checkpointer.read_meta()
   exp.close()
   assert meta["step"] == 6 and meta["resolution"] == 16 and meta["growth"]["stage"] == 2
 
 
 def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tmp_path):
-  job = Launch(2, "cascade_32_64:tiny", tmp_path / "cdm", *CASCADE)
-  logs, workdir = job.logs(), job.workdir
+  workdir = tmp_path / "cdm"
+  logs = local_sh(2, "cascade_32_64:tiny", workdir, *CASCADE)
   assert all(log.count("Cascade stage") == 2 for log in logs)
   for stage in ("base", "sr_64"):
     assert sorted(os.listdir(workdir / stage / "checkpoints")) == ["2"]
