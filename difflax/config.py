@@ -149,7 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
       min_snr_gamma=0.0,    # >0: min-SNR-gamma MSE weighting (Hang et al. 2023; 5 in the paper).
       # Paper 002 Sec. 2.2.1 / 4.5: timesteps drawn p_t ∝ sqrt(E[L_t^2]) from a per-t history
       # of recent losses (discrete diffusion), the loss reweighted by 1 / (T p_t).
-      timestep_sampler="uniform",  # "uniform" | "importance"
+      timestep_sampler="uniform",  # "uniform" | "importance" | "logit_normal"
+      # "logit_normal" (Esser et al. 2024 Sec. 3.1): t / T = sigmoid(mean + std n), unweighted.
+      logit_normal_mean=0.0,
+      logit_normal_std=1.0,
       resampler_history=10,  # Losses kept per t; uniform until every t has them all.
       resampler_uniform_prob=0.001,  # Mixed into p_t.
       resampler_extra_updates=0,  # "Importance Sampling +2": no-grad loss evaluations per step
@@ -425,9 +428,14 @@ def validate(c: Any) -> None:
                       f"num_timesteps={c.diffusion.num_timesteps}] (got "
                       f"{c.sample.surrogate_t_mid}, diffusion.type={c.diffusion.type!r}).")
   lc = c.loss
-  if lc.timestep_sampler not in ("uniform", "importance"):
+  if lc.timestep_sampler not in ("uniform", "importance", "logit_normal"):
     raise ConfigError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "
-                      "'uniform', 'importance'.")
+                      "'uniform', 'importance', 'logit_normal'.")
+  if lc.timestep_sampler == "logit_normal" and (c.diffusion.type == "ncsn"
+                                                or not lc.logit_normal_std > 0):
+    raise ConfigError("config.loss.timestep_sampler='logit_normal' draws diffusion times (not "
+                      "NCSN noise scales) and needs config.loss.logit_normal_std > 0 (got "
+                      f"{lc.logit_normal_std}, diffusion.type={c.diffusion.type!r}).")
   if lc.timestep_sampler == "importance" and c.diffusion.type != "discrete":
     raise ConfigError("config.loss.timestep_sampler='importance' keeps a loss history per "
                       "discrete timestep: it needs diffusion.type='discrete'.")

@@ -53,6 +53,23 @@ def sample_timesteps(key, batch_size: int, num_timesteps: int):
   return jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
 
 
+def logit_normal_times(key, batch_size: int, mean: float = 0.0, std: float = 1.0):
+  """u = sigmoid(mean + std n), n ~ N(0, 1): [B] float32 in (0, 1), the fraction of the way to
+  pure noise (Esser et al. 2024, "Scaling Rectified Flow Transformers", Sec. 3.1 "logit-normal
+  sampling"). It spends the training batch on the middle of the chain, where a noisy image
+  still shows where the object is but not yet what it is; the ends get little. Unweighted: it
+  changes the objective's weighting over t, as in the paper."""
+  n = jax.random.normal(key, (batch_size,), jnp.float32)
+  return jax.nn.sigmoid(mean + std * n)
+
+
+def logit_normal_timesteps(key, batch_size: int, num_timesteps: int, mean: float = 0.0,
+                           std: float = 1.0):
+  """`logit_normal_times` on the discrete chain: t = floor(u T) in {0, ..., T-1}: [B] int32."""
+  u = logit_normal_times(key, batch_size, mean, std)
+  return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+
+
 def min_snr_weight(alpha_bar, gamma: float, model_output: str):
   """Per-example MSE weight of min-SNR-gamma (Hang et al. 2023 Sec. 3.4, their Eq. 7-8 for the
   eps and v parameterizations): SNR = alpha_bar / (1 - alpha_bar); alpha_bar: [B] -> [B]."""
@@ -162,8 +179,9 @@ def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
   """The `Objective` of `config.diffusion.type` and `config.loss`; `view` (in `terms`) maps
   full-resolution arrays to a growth stage's resolution.
 
-  discrete: t ~ U{0..T-1} (or importance-sampled, `loss.timestep_sampler="importance"`) and
-  `training_losses` on `diffusion`; continuous: t ~ U(0, 1) and `continuous_losses`; ncsn: sigma
+  discrete: t ~ U{0..T-1} (or importance-sampled, `loss.timestep_sampler="importance"`, or
+  logit-normal, `"logit_normal"`) and `training_losses` on `diffusion`; continuous: t ~ U(0, 1)
+  (or logit-normal) and `continuous_losses`; ncsn: sigma
   uniform over `sigmas` and `dsm_loss` (denoise_fn is then the unconditional network called with
   sigma). `loss.iwdiff_k > 1` turns any of them into IWDiff over k noise draws (`iwdiff_losses`).
   """
@@ -179,6 +197,9 @@ def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
     num_t = diffusion.num_timesteps
 
     def draw_t(key, batch, resampler):
+      if lc.timestep_sampler == "logit_normal":
+        return uniform(logit_normal_timesteps(key, batch, num_t, lc.logit_normal_mean,
+                                              lc.logit_normal_std))
       if resampler is None:
         return uniform(sample_timesteps(key, batch, num_t))
       # Paper 002 eq. 8-9: t ~ p_t, the loss reweighted by 1 / (T p_t) keeps its expectation.
@@ -193,6 +214,8 @@ def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
     gamma_fn = schedules.parse_gamma(c.gamma)
 
     def draw_t(key, batch, resampler):
+      if lc.timestep_sampler == "logit_normal":
+        return uniform(logit_normal_times(key, batch, lc.logit_normal_mean, lc.logit_normal_std))
       return uniform(jax.random.uniform(key, (batch,)))
 
     def per_draw(denoise_fn, x0, t, noise):

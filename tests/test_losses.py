@@ -271,3 +271,45 @@ def test_min_snr_gamma_weights_the_continuous_loss_too():
                                       min_snr_gamma=1.0)["loss"]
   g = gamma(t)
   np.testing.assert_allclose(weighted, plain * jnp.minimum(g / (1 - g), 1.0), rtol=1e-5)
+
+
+# -------------------------------------------------------------------- logit-normal timesteps
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_logit_normal_timesteps_follow_the_logit_normal_cdf(kind):
+  """Esser et al. 2024 Sec. 3.1: P(t/T <= u) = Phi((logit(u) - m) / s), drawn by the objective
+  itself, unweighted; the middle of the chain gets more of the batch than under U(0, 1)."""
+  from math import erf, log, sqrt
+
+  from conftest import load_config
+  c = load_config("ddpm_cifar10" if kind == "discrete" else "chen_schedules", "tiny")
+  c.loss.update(timestep_sampler="logit_normal", logit_normal_mean=0.5, logit_normal_std=0.8)
+  d = D.from_config(c.diffusion) if kind == "discrete" else None
+  obj = losses.make_objective(c, d)
+  draw = jax.jit(lambda key: obj.draw(key, jnp.zeros((20_000, 2, 2, 1))))(jax.random.key(0))
+  np.testing.assert_array_equal(draw["weight"], 1.0)
+  cdf = lambda q: 0.5 * (1 + erf((log(q / (1 - q)) - 0.5) / (0.8 * sqrt(2))))
+  t = np.asarray(draw["t"])
+  if kind == "discrete":
+    T = d.num_timesteps
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+    # t = floor(u T) <= k  <=>  u < (k + 1) / T.
+    checks = [(np.mean(t <= k), cdf((k + 1) / T)) for k in range(T // 10, T - 1, max(T // 5, 1))]
+    u = (t + 0.5) / T
+  else:
+    checks = [(np.mean(t <= q), cdf(q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    u = t
+  assert len(checks) >= 4
+  for got, want in checks:
+    assert abs(got - want) < 0.015, checks
+  assert np.mean((u > 0.25) & (u < 0.75)) > 0.6  # Uniform: 0.5.
+
+
+def test_logit_normal_config_errors():
+  from conftest import load_config
+  from difflax import config as config_lib
+  for name, over in [("ddpm_cifar10", dict(logit_normal_std=0.0)),
+                     ("ncsnv2_cifar10", {})]:
+    c = load_config(name, "tiny")
+    c.loss.update(timestep_sampler="logit_normal", **over)
+    with pytest.raises(config_lib.ConfigError, match="logit_normal"):
+      config_lib.validate(c)
