@@ -303,7 +303,7 @@ def tfds_batches(config, split: str, global_batch: int, *, seed: int, start_step
     img = tf.image.crop_to_bounding_box(img, (h - side) // 2, (w - side) // 2, side, side)
     img = tf.image.resize(img, (res, res), method="bicubic", antialias=True)
     img = tf.clip_by_value(img / 127.5 - 1.0, -1.0, 1.0)
-    if config.random_flip:
+    if config.random_flip and split == config.split:  # As the by-index path: eval unflipped.
       img = tf.image.stateless_random_flip_left_right(img, seed=tf.stack([seed, index]))
     label = tf.cast(ex[label_key], tf.int32) if label_key else tf.constant(0, tf.int32)
     return {"image": img, "label": label}
@@ -316,13 +316,15 @@ def tfds_batches(config, split: str, global_batch: int, *, seed: int, start_step
 
 # --------------------------------------------------------------------------- entry point
 def host_batches(config, *, seed: int, start_step: int = 0, split: Optional[str] = None,
-                 batch_size: Optional[int] = None) -> Iterator[dict]:
-  """Numpy batches for this process (before they are assembled into global arrays). With
+                 batch_size: Optional[int] = None, replicated: bool = False) -> Iterator[dict]:
+  """Numpy batches for this process (before they are assembled into global arrays): its slice
+  of each global batch, or with `replicated` the whole batch on every process (statistics and
+  networks one process trains alone, which must not depend on the process count). With
   `config.low_res` > 0 each batch also holds `low_res`, the box-downsampled copy of its images (a
   cascade SR stage's conditioning; same flip, same example, so pairs are always consistent)."""
   split = split or config.split
   it = _host_batches(config, seed=seed, start_step=start_step, split=split,
-                     batch_size=batch_size)
+                     batch_size=batch_size, replicated=replicated)
   if not config.low_res:
     return it
   return ({**b, "low_res": box_downsample(b["image"], config.low_res)} for b in it)
@@ -338,9 +340,9 @@ def box_downsample(images, resolution: int):
 
 
 def _host_batches(config, *, seed: int, start_step: int, split: str,
-                  batch_size: Optional[int]) -> Iterator[dict]:
+                  batch_size: Optional[int], replicated: bool) -> Iterator[dict]:
   batch = batch_size or config.batch_size
-  pidx, pcount = jax.process_index(), jax.process_count()
+  pidx, pcount = (0, 1) if replicated else (jax.process_index(), jax.process_count())
   if batch % pcount:
     raise ValueError(f"Batch size {batch} does not split over {pcount} processes.")
   if config.name in ("embedded", "folder"):
@@ -374,7 +376,9 @@ def sample_examples(config, num: int, seed: int = 0,
   elif config.name == "folder":
     images, labels, _ = folder_dataset(config)
   else:
-    it = host_batches(config, seed=seed, split=split, batch_size=min(num, 500))
+    # The same examples on every process (statistics are per-host arrays, e.g. the reference
+    # features that every process must agree on), not this process's slice of each batch.
+    it = host_batches(config, seed=seed, split=split, batch_size=min(num, 500), replicated=True)
     batches = [next(it) for _ in range(max(1, num // 500))]
     return (np.concatenate([b["image"] for b in batches])[:num],
             np.concatenate([b["label"] for b in batches])[:num])

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,7 @@ def test_tfds_under_mock_data_gives_global_sharded_batches(tiny_config):
   np.testing.assert_array_equal(x, np.asarray(again["image"]))
 
 
+@functools.lru_cache(maxsize=None)  # TFDS registers a builder class once per process.
 def _tiny_tfds_builder():
   """A 40-example TFDS dataset (12x10 RGB, 3 classes) defined here, so nothing downloads."""
   import tensorflow_datasets as tfds
@@ -117,3 +120,20 @@ def test_tfds_array_record_is_read_by_index_and_resumes_at_any_step_for_one_batc
   resumed = next(data.tfds_batches(c, "train", 8, seed=1, start_step=6))
   np.testing.assert_array_equal(resumed["image"], batches[6]["image"])
   np.testing.assert_array_equal(resumed["label"], batches[6]["label"])
+
+
+def test_statistics_examples_are_the_same_on_every_process(tiny_config, tmp_path, monkeypatch):
+  """`sample_examples` (reference statistics, NCSN's sigma_1, SR conditioning) reads the same
+  examples whatever the process: not process i's slice of each batch."""
+  import jax
+  _tiny_tfds_builder()(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  c = tiny_config.data
+  c.update(name="difflax_tiny_records", data_dir=str(tmp_path), num_classes=3)
+  want = data.sample_examples(c, 16, split="train")
+  for i in range(2):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+    got = data.sample_examples(c, 16, split="train")
+    assert got[0].shape == (16, 8, 8, 3)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -109,3 +109,14 @@ def test_on_demand_networks_are_built_once_per_machine(tmp_path, monkeypatch):
   assert features.default_path(c.data, 3).endswith("_s3.npz")
   features.get_or_train(c.data, steps=4)
   assert trained == [3, 4]
+
+
+def test_the_network_does_not_depend_on_the_process_count(monkeypatch):
+  """Process 0 trains it alone in a multi-process job: on whole batches, so the network (and
+  the hash every quick metric is labelled with) is the one a single process trains."""
+  import jax
+  c = load_config("ddpm_cifar10", "tiny")
+  want = features.train_feature_net(c.data, steps=3).weights_hash
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  assert features.train_feature_net(c.data, steps=3).weights_hash == want

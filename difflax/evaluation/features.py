@@ -151,7 +151,9 @@ def train_feature_net(data_config, steps: int = 0, seed: int = 0,
   if data_config.name == "embedded" and data_config.num_examples < least:
     train_data = ml_collections.ConfigDict(data_config.to_dict())
     train_data.num_examples = least
-  it = data_lib.host_batches(train_data, seed=seed, batch_size=batch_size)
+  # Whole batches even in a multi-process job (process 0 trains it alone): the network, and
+  # its hash, do not depend on the process count.
+  it = data_lib.host_batches(train_data, seed=seed, batch_size=batch_size, replicated=True)
   first = next(it)
   params = model.init(jax.random.key(seed), jnp.asarray(first["image"]))["params"]
   warmup = min(50, steps // 4)
