@@ -427,28 +427,10 @@ def validate(c: Any) -> None:
                       "config.sample.surrogate_t_mid, which must lie in [0, "
                       f"num_timesteps={c.diffusion.num_timesteps}] (got "
                       f"{c.sample.surrogate_t_mid}, diffusion.type={c.diffusion.type!r}).")
-  lc = c.loss
-  if lc.timestep_sampler not in ("uniform", "importance", "logit_normal"):
-    raise ConfigError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "
-                      "'uniform', 'importance', 'logit_normal'.")
-  if lc.timestep_sampler == "logit_normal" and (c.diffusion.type == "ncsn"
-                                                or not lc.logit_normal_std > 0):
-    raise ConfigError("config.loss.timestep_sampler='logit_normal' draws diffusion times (not "
-                      "NCSN noise scales) and needs config.loss.logit_normal_std > 0 (got "
-                      f"{lc.logit_normal_std}, diffusion.type={c.diffusion.type!r}).")
-  if lc.timestep_sampler == "importance" and c.diffusion.type != "discrete":
-    raise ConfigError("config.loss.timestep_sampler='importance' keeps a loss history per "
-                      "discrete timestep: it needs diffusion.type='discrete'.")
-  if lc.timestep_sampler == "importance" and lc.resampler_history < 1:
-    raise ConfigError(f"config.loss.resampler_history={lc.resampler_history}; it must be >= 1.")
-  if lc.resampler_extra_updates and lc.timestep_sampler != "importance":
-    raise ConfigError("config.loss.resampler_extra_updates refreshes the importance sampler's "
-                      "history: set config.loss.timestep_sampler='importance' too.")
-  if lc.min_snr_gamma < 0 or (lc.min_snr_gamma > 0 and c.diffusion.type == "ncsn"):
-    raise ConfigError(f"config.loss.min_snr_gamma={lc.min_snr_gamma}; it must be >= 0 (0 = off) "
-                      "and weights discrete / continuous diffusion losses, not NCSN's.")
-  if lc.iwdiff_k < 1:
-    raise ConfigError(f"config.loss.iwdiff_k={lc.iwdiff_k}; it must be >= 1 (1 = off).")
+  try:
+    losses.validate(c.loss, c.diffusion.type)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:
     raise ConfigError(f"config.optim.grad_accum={c.optim.grad_accum} must be >= 1 and divide "
                       f"config.data.batch_size={c.data.batch_size}.")

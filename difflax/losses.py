@@ -17,7 +17,9 @@ Continuous time (Chen, paper 003): t ~ U(0, 1), x_t = sqrt(gamma(t)) b x0 + sqrt
 Score matching (NCSNv2, paper 004): `dsm_loss`, Eq. 2 weighted by sigma^2 with the score
 s(x, sigma) = net(x) / sigma (Technique 3), i.e. 1/2 ||net(x + sigma z) + z||^2.
 `make_objective(config, ...)` binds one of them to a config as an `Objective` (draw the batch's
-randomness, then evaluate terms): `objective(denoise_fn, x0, key)`.
+randomness, then evaluate terms): `objective(denoise_fn, x0, key)`; `validate(config.loss,
+diffusion_type)` is its config check. Timesteps are uniform, importance-sampled (below) or
+logit-normal (`logit_normal_timesteps`, Esser et al. 2024 Sec. 3.1).
 
 Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
 Strategy", Sec. 3.4): `loss.min_snr_gamma = g > 0` weights each example's MSE so the loss equals
@@ -46,6 +48,32 @@ from difflax import schedules
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 LOSS_TYPES = ("simple", "hybrid", "vlb")
+TIMESTEP_SAMPLERS = ("uniform", "importance", "logit_normal")
+
+
+def validate(lc, diffusion_type: str) -> None:
+  """Raises ValueError on `config.loss` settings that cannot work (with the diffusion type)."""
+  if lc.timestep_sampler not in TIMESTEP_SAMPLERS:
+    raise ValueError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "
+                     f"{', '.join(TIMESTEP_SAMPLERS)}.")
+  if lc.timestep_sampler == "logit_normal" and (diffusion_type == "ncsn"
+                                               or not lc.logit_normal_std > 0):
+    raise ValueError("config.loss.timestep_sampler='logit_normal' draws diffusion times (not "
+                     "NCSN noise scales) and needs config.loss.logit_normal_std > 0 (got "
+                     f"{lc.logit_normal_std}, diffusion.type={diffusion_type!r}).")
+  if lc.timestep_sampler == "importance" and diffusion_type != "discrete":
+    raise ValueError("config.loss.timestep_sampler='importance' keeps a loss history per "
+                     "discrete timestep: it needs diffusion.type='discrete'.")
+  if lc.timestep_sampler == "importance" and lc.resampler_history < 1:
+    raise ValueError(f"config.loss.resampler_history={lc.resampler_history}; it must be >= 1.")
+  if lc.resampler_extra_updates and lc.timestep_sampler != "importance":
+    raise ValueError("config.loss.resampler_extra_updates refreshes the importance sampler's "
+                     "history: set config.loss.timestep_sampler='importance' too.")
+  if lc.min_snr_gamma < 0 or (lc.min_snr_gamma > 0 and diffusion_type == "ncsn"):
+    raise ValueError(f"config.loss.min_snr_gamma={lc.min_snr_gamma}; it must be >= 0 (0 = off) "
+                     "and weights discrete / continuous diffusion losses, not NCSN's.")
+  if lc.iwdiff_k < 1:
+    raise ValueError(f"config.loss.iwdiff_k={lc.iwdiff_k}; it must be >= 1 (1 = off).")
 
 
 def sample_timesteps(key, batch_size: int, num_timesteps: int):
