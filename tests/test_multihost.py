@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
+from difflax import cascade
 from difflax import experiment
 from difflax import writers
 
@@ -30,12 +31,15 @@ HOOKS = os.path.join(REPO, "tests", "hooks")  # sitecustomize: cache writes, SIG
 # machinery, and a smaller program halves every compile (init, step, checksums, sampling), which
 # both processes pay on a cold cache.
 SMALL = ("--config.model.ch_mult=1", "--config.model.attn_resolutions=")
+# 16x16 images: the eval's quick feature network is then the one the cascade test's 16x16 SR
+# stage and pipeline are scored with (one cache entry, trained once for the module).
+RES = 16
 FLAGS = ("--config.train.num_steps=8", "--config.train.log_every=1",
          "--config.train.checkpoint_every=4", "--config.train.preview_every=0",
          "--config.train.eval_every=8", "--config.eval.feature_steps=20",
          "--config.optim.warmup_steps=1", "--config.mesh.data=4", "--config.mesh.fsdp=2",
          "--config.mesh.fsdp_min_size=64", "--config.sample.num=16",
-         "--config.sample.batch_size=8", *SMALL)
+         "--config.sample.batch_size=8", f"--config.data.resolution={RES}", *SMALL)
 
 
 def env(**extra):
@@ -64,6 +68,7 @@ def tiny_config():
   c.mesh.update(data=4, fsdp=2, fsdp_min_size=64)
   c.sample.update(num=16, batch_size=8)
   c.model.update(ch_mult=(1,), attn_resolutions=())
+  c.data.resolution = RES
   return c
 
 
@@ -169,7 +174,7 @@ def test_checkpoints_move_between_2x4_and_1x1_and_sample_shards_are_written_once
   assert [os.path.basename(s) for s in shards] == ["shard_00000.npz", "shard_00001.npz"]
   assert not glob.glob(str(one / "samples" / "**" / "*.tmp*"), recursive=True)
   imgs = np.load(glob.glob(str(one / "samples" / "sample_step000010_*.npz"))[0])["images"]
-  assert imgs.shape == (16, 8, 8, 3) and len({im.tobytes() for im in imgs}) == 16
+  assert imgs.shape == (16, RES, RES, 3) and len({im.tobytes() for im in imgs}) == 16
 
 
 def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically(
@@ -200,42 +205,43 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   assert_trees_equal(restore(workdir), restore(two_process_run[0]))
 
 
-# Growth is what is tested here: the plain eps-MSE loss and constant channels keep the three
-# architectures' programs (step, surgery, checksums) small; each compiles on a cold cache.
-GROWTH = ("--config.growth.fade_kind=abrupt", "--config.loss.type=simple",
-          "--config.diffusion.var_type=fixed_small", "--config.model.ch_mult=1,1,1",
-          "--config.train.num_steps=6", "--config.train.preview_every=0", "--config.mesh.data=4",
-          "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=64")
-CASCADE = ("--config.stages.base.train.num_steps=2", "--config.stages.sr_64.train.num_steps=2",
-           "--config.stages.base.model.ch_mult=1", "--config.stages.sr_64.model.ch_mult=1",
-           "--config.stages.base.model.attn_resolutions=",
-           "--config.stages.sr_64.eval.quality_line=true",  # Scored on 2 processes too,
-           "--config.stages.sr_64.eval.feature_steps=20",   # by a quick network (plumbing).
-           "--config.stages.base.train.preview_every=0",
-           "--config.stages.sr_64.train.preview_every=0",
+# One launch trains both cascade stages, the base one progressively grown twice (2 -> 4 -> 8)
+# with fsdp=2 spanning both processes, then samples the pipeline from the grown base (growth
+# and cascades compose: any stage may carry `growth`). Abrupt fades
+# keep the programs few (three architectures' steps, surgeries and checksums); each compiles on
+# both processes on a cold cache.
+BASE, SR = "--config.stages.base", "--config.stages.sr_64"
+MESH = ("mesh.data=4", "mesh.fsdp=2", "mesh.fsdp_min_size=64")
+CASCADE = (f"{BASE}.train.num_steps=6",
+           f"{BASE}.model.ch_mult=1,1,1", f"{BASE}.model.attn_resolutions=",
+           f"{BASE}.model.project_downsample=True", f"{BASE}.growth.resolutions=2,4,8",
+           f"{BASE}.growth.stage_steps=2,2", f"{BASE}.growth.fade_kind=abrupt",
+           f"{SR}.train.num_steps=2", f"{SR}.model.ch_mult=1",
+           *(f"{stage}.{m}" for stage in (BASE, SR) for m in MESH),
+           f"{SR}.eval.quality_line=true",  # Scored on 2 processes too,
+           f"{SR}.eval.feature_steps=20",   # by a quick network (plumbing).
+           f"{BASE}.train.preview_every=0", f"{SR}.train.preview_every=0",
            # Both modes in one launch (one start-up and one jax.distributed job, as a pod job).
            "--mode=train,sample")
 
 
-def test_progressive_growth_across_processes_with_fsdp(tmp_path):
-  workdir = tmp_path / "grow"
-  for log in local_sh(2, "progressive_cifar10:tiny", workdir, *GROWTH):
-    assert log.count("Growth at step") == 2 and "Growth surgery: kept" in log
-  c = load_config("progressive_cifar10", "tiny")
-  c.growth.fade_kind = "abrupt"
-  c.loss.type, c.diffusion.var_type, c.model.ch_mult = "simple", "fixed_small", (1, 1, 1)
-  exp = experiment.setup(c, str(workdir))
-  meta = exp.checkpointer.read_meta()
-  exp.close()
-  assert meta["step"] == 6 and meta["resolution"] == 16 and meta["growth"]["stage"] == 2
-
-
-def test_cascade_trains_both_stages_and_samples_the_pipeline_on_two_processes(tmp_path):
+def test_cascade_with_a_grown_base_trains_and_samples_the_pipeline_on_two_processes(tmp_path):
   workdir = tmp_path / "cdm"
   logs = local_sh(2, "cascade_32_64:tiny", workdir, *CASCADE)
-  assert all(log.count("Cascade stage") == 2 for log in logs)
-  for stage in ("base", "sr_64"):
-    assert sorted(os.listdir(workdir / stage / "checkpoints")) == ["2"]
+  for log in logs:
+    assert log.count("Cascade stage") == 2
+    assert log.count("Growth at step") == 2 and log.count("Growth surgery: kept") == 2
+    assert "'data': 4, 'fsdp': 2" in log
+  # Every growth is checkpointed (the state changes shape there).
+  assert sorted(os.listdir(workdir / "base" / "checkpoints"), key=int) == ["2", "4", "6"]
+  assert sorted(os.listdir(workdir / "sr_64" / "checkpoints")) == ["2"]
+  c = load_config("cascade_32_64", "tiny")
+  c.stages.base.model.update(ch_mult=(1, 1, 1), attn_resolutions=(), project_downsample=True)
+  c.stages.base.growth.update(resolutions=(2, 4, 8), stage_steps=(2, 2), fade_kind="abrupt")
+  exp = experiment.setup(cascade.stage_config(c, "base"), str(workdir / "base"))
+  meta = exp.checkpointer.read_meta()
+  exp.close()
+  assert meta["step"] == 6 and meta["resolution"] == 8 and meta["growth"]["stage"] == 2
   (out_dir,) = glob.glob(str(workdir / "pipeline" / "*"))
   assert {"final.png", "base.png", "sr_64.png", "final.npz"} <= set(os.listdir(out_dir))
   imgs = np.load(os.path.join(out_dir, "final.npz"))["images"]
