@@ -3,7 +3,7 @@
 Contract: `train(config, workdir) -> dict` trains to `config.train.num_steps`, resuming from the
 latest checkpoint in `workdir`: experiment setup (mesh, model, abstract state, shardings) ->
 restore or init -> data from the restored step -> per architecture: compile the step once, then
-steps with periodic work (metrics through clu writers, checkpoints, preview grids, evals,
+steps with periodic work (metrics through `writers`, checkpoints, preview grids, evals,
 progressive growth). A SIGTERM to any process checkpoints the current step on all of them and
 returns; a non-finite loss stops the run with a message and without checkpointing the bad
 state. Progressive growth is a phase change of this loop (surgery on the state, re-jit); a
@@ -27,7 +27,6 @@ import time
 
 import jax
 import numpy as np
-from clu import periodic_actions
 
 from difflax import cascade
 from difflax import config as config_lib
@@ -187,8 +186,8 @@ def train(config, workdir: str) -> dict:
   batch = next(it)
   # ---- Reporting and the growth trigger's memory (checkpointed with the state).
   writer = writers.create(workdir)
-  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
-                                           every_steps=t.log_every)
+  report = writers.ReportProgress(num_train_steps=t.num_steps, writer=writer,
+                                   every_steps=t.log_every)
   saved = ((exp.checkpointer.read_meta() or {}).get("plateau") if restored else None) or {}
   plateau = growth.PlateauTracker(c.growth.plateau_patience, saved.get("best", float("inf")),
                                   saved.get("bad", 0))
@@ -230,7 +229,7 @@ def train(config, workdir: str) -> dict:
             pending = []  # Metrics of the old architecture were logged or are dropped here.
             break  # Re-jit for the new architecture.
         # ---- Checkpoint, preview, eval.
-        with report.timed("periodic", wait_jax_async_dispatch=False):
+        with report.timed("periodic"):
           if final or every(t.checkpoint_every, step):
             exp.checkpointer.save(step, state, meta())
           # The quality line samples the final step anyway: its first samples are that grid.

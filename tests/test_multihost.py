@@ -3,10 +3,10 @@ started through launch/local.sh, against the same configs on 1 process (8 or 1 d
 
 One module-scoped 2-process run (8 steps, fsdp=2 spanning both processes) is shared by the
 tests that read it; the others launch their own jobs. Every launch is a real `python -m
-difflax.main` job per process. The shared 2-process run and its 1-process reference run side
-by side (the reference's compiles fill the 2-process job's waits); two 2-process jobs side by
-side measured no faster than one after the other on 2 cores (compiles are CPU-bound, gloo
-waits spin)."""
+difflax.main` job per process. 1-process jobs run beside 2-process ones (the reference run
+beside the shared run; the 1-device continuation of its checkpoint beside the SIGTERM and
+cascade tests), filling their waits; two 2-process jobs side by side measured no faster than
+one after the other on 2 cores (compiles are CPU-bound, gloo waits spin)."""
 import glob
 import json
 import os
@@ -87,11 +87,28 @@ def assert_trees_equal(a, b, exact=True):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def continue_on_one_device(workdir, one):
+  """1 process x 1 device: the fsdp=2 checkpoint written by 2 x 4 restores, trains two more
+  steps, samples (the preview at step 10) and writes a 1-device checkpoint. Started in the
+  background (a 1-process job fills the waits of the 2-process jobs that run beside it)."""
+  shutil.copytree(workdir / "checkpoints", one / "checkpoints")
+  flags = [f for f in FLAGS if ".mesh." not in f and "num_steps" not in f]
+  err = open(one.parent / "one_stderr.log", "w")
+  return subprocess.Popen([sys.executable, "-m", "difflax.main", "--config=ddpm_cifar10:tiny",
+                           f"--workdir={one}", *flags, "--config.train.num_steps=10",
+                           "--config.train.preview_every=10", "--config.train.eval_every=0"],
+                          cwd=REPO, env=env(XLA_FLAGS=env()["XLA_FLAGS"] +
+                                            " --xla_force_host_platform_device_count=1"),
+                          stdout=subprocess.DEVNULL, stderr=err)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   """The 2-process run and its reference, the same command on 1 process x 8 devices with a
   preview at the end. The two jobs run side by side: each spends part of its time waiting (on
-  the other process, barriers, file writes), which the other fills."""
+  the other process, barriers, file writes), which the other fills. Then the 1-device
+  continuation of the 2-process checkpoint starts in the background (`continue_on_one_device`;
+  the checkpoint test, last in this file, waits for it)."""
   workdir = tmp_path_factory.mktemp("mp") / "run"
   sp = workdir.parent / "sp"
   sp.mkdir()
@@ -107,15 +124,18 @@ def two_process_run(tmp_path_factory):
       ref.kill()
   stderr = open(sp / "stderr.log").read()
   assert ref.returncode == 0, stderr[-3000:]
-  return workdir, logs, sp, stderr
+  one = workdir.parent / "one"
+  continuation = continue_on_one_device(workdir, one)
+  yield workdir, logs, sp, stderr, (one, continuation)
+  continuation.kill()
 
 
 def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_its_outputs(
     two_process_run):
-  workdir, logs, sp, stderr = two_process_run
+  workdir, logs, sp, stderr, _ = two_process_run
   assert "process 1 of 2, 4 local / 8 global devices" in logs[1]
   # What a CLI run leaves behind: checkpoints, TensorBoard events, the preview, its config, one
-  # metric history (training metrics, clu's steps_per_sec, compile seconds, evals), the plot,
+  # metric history (training metrics, steps_per_sec, compile seconds, evals), the plot,
   # and the best eval's state apart from the keep-N rotation of checkpoints/.
   assert os.path.isdir(sp / "checkpoints" / "8") and glob.glob(str(sp / "events.out.tfevents.*"))
   assert os.path.exists(sp / "samples" / "step_000008.png")
@@ -146,35 +166,6 @@ def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_it
   for k in ("quick_fd", "eval_bpd"):  # Bits/dim: eval batches sharded across processes too.
     np.testing.assert_allclose(ev(workdir)[k], ev(sp)[k], rtol=1e-3)
   assert "quick_fd=" in logs[1]  # Every process computed it (and agreed, or FD would differ).
-
-
-def test_checkpoints_move_between_2x4_and_1x1_and_sample_shards_are_written_once(
-    two_process_run, tmp_path):
-  workdir = two_process_run[0]
-  # 1 process x 1 device: the fsdp=2 checkpoint written by 2 x 4 restores, trains two more
-  # steps, samples (the preview at step 10) and writes a 1-device checkpoint.
-  one = tmp_path / "one"
-  shutil.copytree(workdir / "checkpoints", one / "checkpoints")
-  flags = [f for f in FLAGS if ".mesh." not in f and "num_steps" not in f]
-  proc = subprocess.run([sys.executable, "-m", "difflax.main", "--config=ddpm_cifar10:tiny",
-                         f"--workdir={one}", *flags, "--config.train.num_steps=10",
-                         "--config.train.preview_every=10", "--config.train.eval_every=0"],
-                        cwd=REPO, env=env(XLA_FLAGS=env()["XLA_FLAGS"] +
-                                          " --xla_force_host_platform_device_count=1"),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resumed at step 8" in proc.stderr and "'data': 1, 'fsdp': 1" in proc.stderr
-  assert os.path.exists(one / "samples" / "step_000010.png")
-  # 2 processes x 4 devices, fsdp=2: the 1-device checkpoint restores into fsdp shards spanning
-  # both processes; each batch is sampled by both (one sharded computation), written once.
-  logs = local_sh(2, "ddpm_cifar10:tiny", one, *FLAGS, "--mode=sample")
-  for log in logs:
-    assert "Sample batch 2/2" in log
-  shards = sorted(glob.glob(str(one / "samples" / "sample_step000010_*" / "shard_*.npz")))
-  assert [os.path.basename(s) for s in shards] == ["shard_00000.npz", "shard_00001.npz"]
-  assert not glob.glob(str(one / "samples" / "**" / "*.tmp*"), recursive=True)
-  imgs = np.load(glob.glob(str(one / "samples" / "sample_step000010_*.npz"))[0])["images"]
-  assert imgs.shape == (16, RES, RES, 3) and len({im.tobytes() for im in imgs}) == 16
 
 
 def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically(
@@ -249,3 +240,24 @@ def test_cascade_with_a_grown_base_trains_and_samples_the_pipeline_on_two_proces
   # The SR stage's train run and the pipeline end with the quality line on every process.
   for log in logs:
     assert "Quality of 16 samples at step 2" in log and "Quality of 8 pipeline samples" in log
+
+
+def test_checkpoints_move_between_2x4_and_1x1_and_sample_shards_are_written_once(
+    two_process_run):
+  # The 2 x 4 checkpoint continued on 1 process x 1 device (see `continue_on_one_device`).
+  one, proc = two_process_run[4]
+  proc.wait(timeout=600)
+  stderr = open(one.parent / "one_stderr.log").read()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "resumed at step 8" in stderr and "'data': 1, 'fsdp': 1" in stderr
+  assert os.path.exists(one / "samples" / "step_000010.png")
+  # 2 processes x 4 devices, fsdp=2: the 1-device checkpoint restores into fsdp shards spanning
+  # both processes; each batch is sampled by both (one sharded computation), written once.
+  logs = local_sh(2, "ddpm_cifar10:tiny", one, *FLAGS, "--mode=sample")
+  for log in logs:
+    assert "Sample batch 2/2" in log
+  shards = sorted(glob.glob(str(one / "samples" / "sample_step000010_*" / "shard_*.npz")))
+  assert [os.path.basename(s) for s in shards] == ["shard_00000.npz", "shard_00001.npz"]
+  assert not glob.glob(str(one / "samples" / "**" / "*.tmp*"), recursive=True)
+  imgs = np.load(glob.glob(str(one / "samples" / "sample_step000010_*.npz"))[0])["images"]
+  assert imgs.shape == (16, RES, RES, 3) and len({im.tobytes() for im in imgs}) == 16
