@@ -63,16 +63,20 @@ def make_pair_grid(low, high) -> np.ndarray:
   return make_grid(np.concatenate([up, high], axis=2))
 
 
-def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
-  """Writes a uint8 [H, W, C] image, nearest-upscaled by an integer factor to >= min_width px so
-  grids of small images stay viewable."""
+def png_bytes(image: np.ndarray) -> bytes:
+  """The PNG encoding of a uint8 [H, W, C] image (C = 1 stored as greyscale)."""
   from PIL import Image
-  factor = max(1, -(-min_width // image.shape[1]))
-  image = nearest_upsample(image[None], factor)[0]
   image = image[..., 0] if image.shape[-1] == 1 else image
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
-  return fileio.atomic_write(path, buf.getvalue())
+  return buf.getvalue()
+
+
+def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
+  """Writes a uint8 [H, W, C] image, nearest-upscaled by an integer factor to >= min_width px so
+  grids of small images stay viewable."""
+  factor = max(1, -(-min_width // image.shape[1]))
+  return fileio.atomic_write(path, png_bytes(nearest_upsample(image[None], factor)[0]))
 
 
 def center_crop_resize(image, resolution: int, channels: int | None = None):

@@ -26,7 +26,6 @@ the wall-clock shares of its `timed(name)` blocks.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
 import struct
@@ -36,7 +35,6 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.proto import tensor_pb2
@@ -44,6 +42,7 @@ from tensorboard.compat.proto import tensor_shape_pb2
 from tensorboard.compat.proto import types_pb2
 
 from difflax import fileio
+from difflax import images as images_lib
 
 HISTORY = "metrics.jsonl"
 
@@ -136,9 +135,7 @@ def _png(image) -> bytes:
   arr = np.asarray(image)
   if arr.dtype != np.uint8:  # Floats in [0, 1], as TensorBoard's image summaries take them.
     arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
-  return buf.getvalue()
+  return images_lib.png_bytes(arr)
 
 
 class EventFileWriter(MetricWriter):
