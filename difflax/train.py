@@ -12,8 +12,8 @@ checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png
 that reaches num_steps ends with the quality line (`eval.quality_line`: its samples' quick FD,
 KID and shape score beside real data's).
 
-`run(config, workdir, mode)`: train (every stage of a cascade in order), sample (`sampling` or
-`pipeline`), eval (`evaluation.evaluator`), sweep (`pipeline`); `mode` may name several, comma
+`run(config, workdir, mode)`: train (every stage of a cascade in order, or `cascade.stage`),
+sample (`sampling`; a cascade's `pipeline`, or its `cascade.stage` alone), eval (`evaluation.evaluator`), sweep (`pipeline`); `mode` may name several, comma
 separated ("train,sample"), run in that order in one process (one start-up, one
 `jax.distributed` job).
 """
@@ -292,6 +292,11 @@ def _run_one(config, workdir: str, mode: str) -> dict:
       name = config.cascade.stage or names[-1]
       return evaluator_lib.evaluate(cascade.stage_config(config, name),
                                     os.path.join(workdir, name))
+    if mode == "sample" and config.cascade.stage:
+      # One stage alone, as its previews and quality line sample it (an SR stage conditioned on
+      # eval-split images at its low resolution); without cascade.stage: the pipeline.
+      name = config.cascade.stage
+      return sampling.sample(cascade.stage_config(config, name), os.path.join(workdir, name))
     return {"sample": pipeline.sample, "sweep": pipeline.sweep}[mode](config, workdir)
   if mode == "sweep":
     raise config_lib.ConfigError("--mode=sweep sweeps a cascade's augmentation level; this "
