@@ -88,7 +88,11 @@ def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
         resampler = losses.resampler_update(resampler, extra["t"], extra_terms["loss"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = state_lib.ema_decay_at(state.step, config.optim.ema_decay, config.optim.ema_warmup)
+    # After a growth the EMA restarts its warm-up from the growth step: an average that still
+    # holds the pre-growth weights (and the new level's init) is no network this architecture
+    # trained, and sampled as noise (README, Progressive growth).
+    decay = state_lib.ema_decay_at(state.step - gs.stage_start, config.optim.ema_decay,
+                                   config.optim.ema_warmup or gs.stage > 0)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                  state.ema_params, params)
     metrics = {k: v.mean() for k, v in terms.items() if k != "loss"}
