@@ -113,16 +113,7 @@ class Phase:
     cond = sampling.model_conditions(exp, c.train.preview_num, exp.keys["preview"], step)
     imgs, _ = sampling.generate(exp, self.preview_fn, state.ema_params, exp.keys["preview"],
                                 c.train.preview_num, c.train.preview_num, cond=cond)
-    self.write_grid(imgs, cond, step, writer)
-
-  def write_grid(self, imgs, cond, step: int, writer) -> None:
-    """samples/step_<N>.png (an SR stage's: conditioning beside output) and the writer's image."""
-    exp = self.exp
-    grid = (images_lib.make_pair_grid(cond["low_res"], imgs) if cond and "low_res" in cond
-            else images_lib.make_grid(imgs))
-    if jax.process_index() == 0:
-      images_lib.save_png(os.path.join(exp.workdir, "samples", f"step_{step:06d}.png"), grid)
-    writer.write_images(step, {"samples": grid[None]})
+    write_grid(exp, imgs, cond, step, writer)
 
   def evaluate(self, state, step: int, writer, meta: dict) -> dict:
     result = self.evaluator(state.ema_params, step)
@@ -132,20 +123,29 @@ class Phase:
     return result
 
 
-def final_quality(phase: Phase, state, step: int, writer) -> dict:
+def write_grid(exp: experiment.Experiment, imgs, cond, step: int, writer) -> None:
+  """samples/step_<N>.png (an SR stage's: conditioning beside output) and the writer's image."""
+  grid = (images_lib.make_pair_grid(cond["low_res"], imgs) if cond and "low_res" in cond
+          else images_lib.make_grid(imgs))
+  if jax.process_index() == 0:
+    images_lib.save_png(os.path.join(exp.workdir, "samples", f"step_{step:06d}.png"), grid)
+  writer.write_images(step, {"samples": grid[None]})
+
+
+def final_quality(exp: experiment.Experiment, preview_fn, state, step: int, writer) -> dict:
   """The quality line of a finished run: `eval.quality_samples` EMA samples drawn with the
   preview sampler, scored against the data (`evaluation.quality`); numbers to the writer as
   `quality_*` and to workdir/eval/quality_step<N>.json; the first `train.preview_num` are the
-  final preview grid (one sampling pass for both)."""
-  exp, c = phase.exp, phase.exp.config
-  fn = phase.preview_fn or sampling.make_sample_fn(exp, c.train.preview_sampler,
-                                                   c.train.preview_steps)
+  final preview grid (one sampling pass for both). `preview_fn`: the loop's, for `exp`'s
+  architecture, or None to build it."""
+  c = exp.config
+  fn = preview_fn or sampling.make_sample_fn(exp, c.train.preview_sampler, c.train.preview_steps)
   n, key = c.eval.quality_samples, exp.keys["eval"]
   cond = sampling.model_conditions(exp, n, key, step)
   imgs, _ = sampling.generate(exp, fn, state.ema_params, key, n, c.sample.batch_size, cond=cond)
   if c.train.preview_every:  # The final preview (the loop leaves it to these samples).
     k = min(n, c.train.preview_num)
-    phase.write_grid(imgs[:k], cond and {name: v[:k] for name, v in cond.items()}, step, writer)
+    write_grid(exp, imgs[:k], cond and {name: v[:k] for name, v in cond.items()}, step, writer)
   result = quality.report(c, imgs, exp.mesh, f"samples at step {step}")
   writer.write_scalars(step, {f"quality_{k}": v for k, v in result.items()
                               if isinstance(v, float)})
@@ -245,7 +245,9 @@ def train(config, workdir: str) -> dict:
           break
   out = {"step": int(jax.device_get(state.step)), "compile_secs": phase.compile_secs, **last}
   if c.eval.quality_line and not stopping:
-    out["quality"] = final_quality(phase, state, step, writer)
+    # A growth at the last step leaves `phase` on the old architecture: sample the grown one.
+    out["quality"] = final_quality(exp, phase.preview_fn if phase.exp is exp else None, state,
+                                   step, writer)
   writer.close()
   if jax.process_index() == 0:
     evaluator_lib.plot_history(workdir)

@@ -159,6 +159,20 @@ def test_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_path,
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
 
 
+def test_a_run_ending_on_its_growth_step_draws_the_quality_line_with_the_grown_network(
+    tmp_path, caplog):
+  c = load_config("progressive_cifar10", "tiny")
+  c.train.update(num_steps=2, preview_every=2)  # Stage 0 ends, and the run with it, at step 2.
+  c.eval.update(quality_line=True, feature_steps=20)
+  with caplog.at_level("INFO"):
+    out = train.run(c, str(tmp_path))
+  assert "Growth at step 2" in caplog.text and "Quality of 16 samples at step 2" in caplog.text
+  assert out["quality"]["num"] == 16 and np.isfinite(out["quality"]["quick_fd"])
+  meta, params = final_params(str(tmp_path))
+  assert meta["growth"] == {"stage": 1, "stage_start": 2, "fading": True} and "in_8" in params
+  assert os.path.exists(tmp_path / "samples" / "step_000002.png")
+
+
 def test_plateau_on_quick_fd_needs_the_quick_eval():
   from difflax import config as config_lib
   c = load_config("progressive_cifar10", "paper")
