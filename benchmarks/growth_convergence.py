@@ -39,7 +39,8 @@ def run_preset(arg: str, budget: float, chunk: int, num_samples: int, workdir: s
   logging.set_verbosity(logging.WARNING)
   c = load(arg)
   c.train.update(preview_every=0, checkpoint_every=chunk, num_steps=10**6)
-  c.eval.update(bpd=False, num_samples=num_samples,
+  # Quality is measured below, outside the budget; the train run's own line would count in it.
+  c.eval.update(bpd=False, quality_line=False, num_samples=num_samples,
                 reference_examples=min(1000, c.data.num_examples))
   if feature_steps:
     c.eval.feature_steps = feature_steps
