@@ -26,6 +26,7 @@ from difflax import cascade
 from difflax import diffusion
 from difflax import growth
 from difflax import losses
+from difflax import models
 from difflax import samplers
 from difflax import schedules
 from difflax import state as state_lib
@@ -79,7 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       project_downsample=False,  # Downsamples change channels to the next level's (growth).
       patch_size=1,         # >1: the UNet runs on p x p patches folded into channels (space-to-
                             # depth, "simple diffusion"); levels start at data.resolution / p.
-      dtype="float32",
+      dtype="float32",      # Compute dtype: "float32" | "bfloat16" (params, Adam, EMA stay fp32).
+      remat="none",         # Per-block rematerialisation: "none" | "dots" | "full" (memory for
+                            # recompute; --mode=plan measures what each saves).
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -375,6 +378,10 @@ def validate(c: Any) -> None:
     for name in cascade.stage_names(c):
       validate(cascade.stage_config(c, name))
     return
+  try:
+    models.validate(c.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if c.diffusion.var_type not in diffusion.VAR_TYPES:
     raise ConfigError(f"config.diffusion.var_type={c.diffusion.var_type!r}; valid: "
                       f"{diffusion.VAR_TYPES}.")

@@ -1,9 +1,10 @@
 """Input pipelines: the embedded offline dataset, folders of images, TFDS; global batches.
 
 Contract: `make_iterator(data_config, mesh, *, seed, start_step=0, split=None)` yields dicts
-`{"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}` of *global* `jax.Array`s sharded
-over the mesh's batch axes, where B = `data_config.batch_size` and each process reads only its own
-slice. The stream is a pure function of (seed, step): a run restarted at `start_step` sees exactly
+`{"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}` (+ `"low_res": [B, r, r, C]`
+for a cascade SR stage) of *global* `jax.Array`s sharded over the mesh's batch axes, where B =
+`data_config.batch_size` and each process reads only its own slice; `batch_spec(data_config)`
+gives their shapes and dtypes without reading anything (ahead-of-time compiles). The stream is a pure function of (seed, step): a run restarted at `start_step` sees exactly
 the batches it would have seen, which is what makes resumption bit-identical.
 
 Datasets:
@@ -383,6 +384,16 @@ def sample_examples(config, num: int, seed: int = 0,
     return (np.concatenate([b["image"] for b in batches])[:num],
             np.concatenate([b["label"] for b in batches])[:num])
   return images[:num].astype(np.float32) / 127.5 - 1.0, np.asarray(labels[:num], np.int32)
+
+
+def batch_spec(config, batch_size: Optional[int] = None) -> dict:
+  """`jax.ShapeDtypeStruct`s of the global batches `make_iterator` yields for `config`."""
+  b, r, ch = batch_size or config.batch_size, config.resolution, config.channels
+  spec = {"image": jax.ShapeDtypeStruct((b, r, r, ch), np.float32),
+          "label": jax.ShapeDtypeStruct((b,), np.int32)}
+  if config.low_res:
+    spec["low_res"] = jax.ShapeDtypeStruct((b, config.low_res, config.low_res, ch), np.float32)
+  return spec
 
 
 def make_iterator(config, mesh, *, seed: int, start_step: int = 0, split: Optional[str] = None,

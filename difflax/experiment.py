@@ -1,11 +1,15 @@
 """Experiment setup: from a config to everything the loop, the sampler and the evaluator need.
 
-Contract: `setup(config, workdir, growth_state=None)` builds, without allocating any state, an
-`Experiment`: the mesh, the model of the (growth stage's) architecture, the diffusion chain or
-NCSN noise scales, the objective, the optimiser, the per-purpose base keys, the abstract state
-(`jax.eval_shape`) and its shardings, and the checkpointer of `workdir/checkpoints`. With
-progressive growth and no `growth_state`, the latest checkpoint's growth stage decides the
-architecture, so a resumed run rebuilds the network it saved. `restore_or_init(exp)` returns
+Contract: `setup(config, workdir, growth_state=None, devices=None)` builds, without allocating
+any state, an `Experiment`: the mesh (over `devices`, default all of this job's; compile-only TPU
+devices for `plan`), the model of the (growth stage's) architecture, the diffusion chain or NCSN
+noise scales, the objective, the optimiser, the per-purpose base keys, the abstract state
+(`jax.eval_shape`) and its shardings, and the checkpointer of `workdir/checkpoints` (made on
+first use, so an experiment that is only compiled leaves nothing on disk). With progressive
+growth and no `growth_state`, the latest checkpoint's growth stage decides the architecture, so
+a resumed run rebuilds the network it saved. `compile_train_step(exp, batch)` is the one place
+the train step is jitted (shardings, donated state) and compiled ahead of time; `batch` may hold
+arrays or `jax.ShapeDtypeStruct`s (`data.batch_spec`). `restore_or_init(exp)` returns
 (state, restored?): the latest checkpoint restored straight into its shards, else a jitted,
 sharded init. `exp.meta(state)` is the JSON saved beside every checkpoint.
 """
@@ -30,6 +34,7 @@ from difflax import models
 from difflax import noise_scales
 from difflax import parallel
 from difflax import state as state_lib
+from difflax import step as step_lib
 
 KEY_NAMES = ("init", "step", "preview", "eval")
 
@@ -48,9 +53,15 @@ class Experiment:
   init_fn: Any
   abstract_state: Any
   shardings: Any
-  checkpointer: ckpt_lib.Checkpointer
   keys: dict
   growth_state: growth.GrowthState = growth.GrowthState()
+  given_checkpointer: Optional[ckpt_lib.Checkpointer] = None
+
+  @functools.cached_property
+  def checkpointer(self) -> ckpt_lib.Checkpointer:
+    """workdir/checkpoints (the one passed to `setup`, else made on first use)."""
+    return self.given_checkpointer or ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), keep=self.config.train.keep_checkpoints)
 
   @property
   def resolution(self) -> int:
@@ -79,20 +90,20 @@ class Experiment:
     return meta
 
   def close(self) -> None:
-    self.checkpointer.close()
-    if "best_checkpointer" in self.__dict__:
-      self.best_checkpointer.close()
+    for name in ("checkpointer", "best_checkpointer"):
+      if name in self.__dict__:
+        self.__dict__[name].close()
 
 
 def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = None,
-          checkpointer: Optional[ckpt_lib.Checkpointer] = None) -> Experiment:
+          checkpointer: Optional[ckpt_lib.Checkpointer] = None, devices=None) -> Experiment:
   """Everything but data and allocated state; cheap (shapes only)."""
-  checkpointer = checkpointer or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                                       keep=config.train.keep_checkpoints)
-  if growth_state is None:
-    meta = checkpointer.read_meta() if growth.enabled(config) else None
-    growth_state = growth.GrowthState.from_meta((meta or {}).get("growth"))
-  mesh = parallel.make_mesh(config.mesh)
+  if growth_state is None and growth.enabled(config):
+    checkpointer = checkpointer or ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    growth_state = growth.GrowthState.from_meta((checkpointer.read_meta() or {}).get("growth"))
+  growth_state = growth_state or growth.GrowthState()
+  mesh = parallel.make_mesh(config.mesh, devices)
   model = models.build_model(config, growth_state)
   ncsn = diffusion = None
   if config.diffusion.type == "ncsn":
@@ -111,7 +122,19 @@ def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = Non
   abstract = jax.eval_shape(init_fn, keys["init"])
   shardings = parallel.state_shardings(abstract, mesh, config.mesh)
   return Experiment(config, workdir, mesh, model, diffusion, ncsn, objective, optimizer,
-                    lr_schedule, init_fn, abstract, shardings, checkpointer, keys, growth_state)
+                    lr_schedule, init_fn, abstract, shardings, keys, growth_state, checkpointer)
+
+
+def compile_train_step(exp: Experiment, batch: dict):
+  """`step.make_train_step` of `exp`'s architecture, jitted with the state's shardings (donated),
+  the batch sharded over the mesh's batch axes and replicated metrics, and compiled ahead of time
+  for `batch` (arrays or `jax.ShapeDtypeStruct`s: the compile needs shapes only)."""
+  fn = step_lib.make_train_step(exp.model, exp.objective, exp.optimizer, exp.lr_schedule,
+                                exp.config, exp.keys["step"], exp.growth_state)
+  batch_shardings = jax.tree_util.tree_map(lambda _: exp.batch_sharding, batch)
+  return jax.jit(fn, in_shardings=(exp.shardings, batch_shardings),
+                 out_shardings=(exp.shardings, parallel.replicated(exp.mesh)),
+                 donate_argnums=(0,)).lower(exp.abstract_state, batch).compile()
 
 
 def init_state(exp: Experiment):

@@ -1,7 +1,9 @@
 """Command-line entry point: flags only.
 
   python -m difflax.main --config=cascade_32_64[:preset] --workdir=DIR \
-      [--mode=train|sample|eval|sweep|train,sample,...] [--config.block.key=value ...]
+      [--mode=train|sample|eval|sweep|plan|train,sample,...] [--config.block.key=value ...]
+  python -m difflax.main --mode=plan --config=cascade_32_64:paper --topology=v5e:16x16 \
+      --workdir=runs/plan            # does it fit a slice, and how fast? (no TPU needed)
 
 `--config` is a packaged config's name (an unknown name lists them) or a path to any
 `get_config(arg)` file (`configs/ddpm_cifar10.py` in a clone); `--config.a.b=value` overrides an
@@ -38,6 +40,13 @@ flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi
                     "(default: $JAX_COORDINATOR_ADDRESS or auto-detected).")
 flags.DEFINE_integer("num_processes", 0, "Processes in the job (0: auto-detected).")
 flags.DEFINE_integer("process_id", -1, "This process's index, 0..num_processes-1 (-1: auto).")
+flags.DEFINE_string("topology", "local", "--mode=plan: compile for this TPU topology (JAX's "
+                    "names: v4:2x2x4, v5e:16x16, v5p:4x4x4, v6e:8x8; needs the [tpu] extra) or "
+                    "'local' (this process's devices).")
+flags.DEFINE_float("mfu", 0.4, "--mode=plan: fraction of the device's peak FLOP/s assumed for "
+                   "projected step times.")
+flags.DEFINE_float("hbm_gib", 0.0, "--mode=plan: memory per device in GiB (0: the device's "
+                   "own, from the table in difflax/plan.py).")
 flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",
                     "Persistent XLA compilation cache ('' disables); reruns and resumes skip "
                     "most of the compile.")
@@ -66,7 +75,9 @@ def main(argv):
   for handler in (logging.get_absl_handler(), logging.get_absl_handler().python_handler):
     handler.addFilter(quiet)
   try:
-    train.run(config, FLAGS.workdir, FLAGS.mode)
+    train.run(config, FLAGS.workdir, FLAGS.mode,
+              plan_options={"topology": FLAGS.topology, "mfu": FLAGS.mfu,
+                            "hbm_gib": FLAGS.hbm_gib})
   except USER_ERRORS as e:
     cli.fail(" ".join(str(e).split("\n")))
   except FloatingPointError as e:  # NaN loss or samples: the message says what was kept.

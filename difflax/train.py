@@ -13,7 +13,9 @@ that reaches num_steps ends with the quality line (`eval.quality_line`: its samp
 KID and shape score beside real data's).
 
 `run(config, workdir, mode)`: train (every stage of a cascade in order, or `cascade.stage`),
-sample (`sampling`; a cascade's `pipeline`, or its `cascade.stage` alone), eval (`evaluation.evaluator`), sweep (`pipeline`); `mode` may name several, comma
+sample (`sampling`; a cascade's `pipeline`, or its `cascade.stage` alone), eval
+(`evaluation.evaluator`), sweep (`pipeline`), plan (`plan`: compile every stage ahead of time for
+a target and write plan.json, no state allocated); `mode` may name several, comma
 separated ("train,sample"), run in that order in one process (one start-up, one
 `jax.distributed` job).
 """
@@ -37,13 +39,13 @@ from difflax import growth
 from difflax import images as images_lib
 from difflax import parallel
 from difflax import pipeline
+from difflax import plan as plan_lib
 from difflax import sampling
-from difflax import step as step_lib
 from difflax import writers
 from difflax.evaluation import evaluator as evaluator_lib
 from difflax.evaluation import quality
 
-MODES = ("train", "sample", "eval", "sweep")
+MODES = ("train", "sample", "eval", "sweep", "plan")
 
 
 def every(n: int, step: int, final: bool = False) -> bool:
@@ -86,15 +88,10 @@ def check_finite(values: dict, what: str, step: int, workdir: str) -> None:
 class Phase:
   """What one architecture needs: its experiment, the compiled step, preview and eval."""
 
-  def __init__(self, exp: experiment.Experiment, state, batch, step: int):
+  def __init__(self, exp: experiment.Experiment, batch, step: int):
     c = exp.config
-    fn = step_lib.make_train_step(exp.model, exp.objective, exp.optimizer, exp.lr_schedule, c,
-                                  exp.keys["step"], exp.growth_state)
-    batch_shardings = jax.tree_util.tree_map(lambda _: exp.batch_sharding, batch)
     t0 = time.perf_counter()  # Ahead of time, so its cost is reported.
-    self.train_step = jax.jit(fn, in_shardings=(exp.shardings, batch_shardings),
-                              out_shardings=(exp.shardings, parallel.replicated(exp.mesh)),
-                              donate_argnums=(0,)).lower(state, batch).compile()
+    self.train_step = experiment.compile_train_step(exp, batch)
     self.compile_secs = time.perf_counter() - t0
     logging.info("Compiled the train step in %.1fs (resolution %d)", self.compile_secs,
                  exp.resolution)
@@ -197,7 +194,7 @@ def train(config, workdir: str) -> dict:
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
   with StopOnSignal() as stop:
     while step < t.num_steps and not stopping:
-      phase = Phase(exp, state, batch, step)
+      phase = Phase(exp, batch, step)
       writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
       for step in range(step + 1, t.num_steps + 1):
         if step > start + 1:
@@ -266,19 +263,24 @@ def parse_modes(mode: str) -> list[str]:
   return modes
 
 
-def run(config, workdir: str, mode: str = "train") -> dict:
+def run(config, workdir: str, mode: str = "train", plan_options: dict | None = None) -> dict:
   """Validates `config` and runs `mode` (or each of 'train,sample,...' in order: the result of
-  several is {mode: result})."""
+  several is {mode: result}). `plan_options`: `plan.plan`'s topology / mfu / hbm_gib."""
   modes = parse_modes(mode)
   config_lib.validate(config)
   if len(modes) > 1:
-    return {m: _run_one(config, workdir, m) for m in modes}
-  return _run_one(config, workdir, modes[0])
+    return {m: _run_one(config, workdir, m, plan_options) for m in modes}
+  return _run_one(config, workdir, modes[0], plan_options)
 
 
-def _run_one(config, workdir: str, mode: str) -> dict:
+def _run_one(config, workdir: str, mode: str, plan_options: dict | None = None) -> dict:
   """Records the config as workdir/config.json (train) and runs one mode."""
   fileio.path(workdir).mkdir(parents=True, exist_ok=True)
+  if mode == "plan":  # Every stage of a cascade / growth level: plan.py walks them itself.
+    result = plan_lib.plan(config, workdir, **(plan_options or {}))
+    if jax.process_index() == 0:
+      print(plan_lib.format_table(result), plan_lib.describe(result), sep="\n", flush=True)
+    return result
   if mode == "train" and jax.process_index() == 0:
     fileio.write_json(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))

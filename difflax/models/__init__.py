@@ -10,20 +10,31 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from difflax import growth
+from difflax.models import layers
 from difflax.models.unet import UNet
 
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def build_model(config, growth_state=None):
-  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks; with
-  progressive growth, the architecture of `growth_state` (default: the first stage)."""
-  m = config.model
+def validate(model_config) -> None:
+  """Raises ValueError naming the valid values of `config.model.name / dtype / remat`."""
+  m = model_config
   if m.name not in MODELS:
     raise ValueError(f"Unknown model {m.name!r}; valid names: {sorted(MODELS)}.")
   if m.dtype not in DTYPES:
     raise ValueError(f"Unknown model.dtype {m.dtype!r}; valid: {sorted(DTYPES)}.")
+  if m.remat not in layers.REMAT_POLICIES:
+    raise ValueError(f"Unknown model.remat {m.remat!r}; valid: {sorted(layers.REMAT_POLICIES)} "
+                     "(none: keep every activation; dots: keep conv / matmul outputs, recompute "
+                     "the rest; full: recompute each block in the backward pass).")
+
+
+def build_model(config, growth_state=None):
+  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks; with
+  progressive growth, the architecture of `growth_state` (default: the first stage)."""
+  m = config.model
+  validate(m)
   return MODELS[m.name](
       ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
@@ -34,7 +45,7 @@ def build_model(config, growth_state=None):
       out_channels=config.data.channels,
       num_classes=config.data.num_classes if m.class_conditional else 0,
       aug_level_cond=config.cond.aug == "gaussian", project_downsample=m.project_downsample,
-      patch_size=m.patch_size, dtype=DTYPES[m.dtype],
+      patch_size=m.patch_size, dtype=DTYPES[m.dtype], remat=m.remat,
       **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 

@@ -3,9 +3,24 @@
 resampling.
 
 Contract: blocks take NHWC activations `h: [B, H, W, C]` and the conditioning embedding
-`emb: [B, E]`; `dtype` is the compute dtype (params stay float32). Layout and initialisation follow
-improved-DDPM's UNet: GroupNorm + SiLU before each conv, the last conv of every residual branch and
-the attention output projection zero-initialised so each block starts as the identity.
+`emb: [B, E]`; `dtype` is the compute dtype. Layout and initialisation follow improved-DDPM's
+UNet: GroupNorm + SiLU before each conv, the last conv of every residual branch and the attention
+output projection zero-initialised so each block starts as the identity.
+
+Mixed precision (`dtype=bfloat16`): convolutions, dense layers and the attention matmuls run in
+bf16; parameters (flax's `param_dtype`), and so gradients, Adam moments and the EMA, stay
+float32. Kept float32 on purpose: GroupNorm (mean and variance of bf16 activations over a group
+lose most of their 8-bit mantissa, and the normalised output feeds every conv), the attention
+logits and softmax (exp of bf16 logits saturates; the weights are cast back for the value
+matmul), the sinusoidal time embedding (t * freq up to 1000 rad needs float32 phase), and the
+network's output (cast to float32, so the loss and its reduction are float32).
+
+Rematerialisation (`make_block(..., remat=)`, `make_attention(remat=)`, `REMAT_POLICIES`): with
+"full" a residual / attention block keeps only its inputs for the backward pass and recomputes
+everything inside it; with "dots" it also keeps the outputs of its convolutions and of matmuls
+without batch dimensions (dense projections), and recomputes norms, nonlinearities and the
+attention logits (whose [B, heads, N, N] size is what dominates at high resolution). Parameter
+paths are the same with and without remat, so checkpoints move between the settings.
 """
 from __future__ import annotations
 
@@ -112,11 +127,31 @@ class MBConvBlock(nn.Module):
 BLOCKS = {"res": ResBlock, "mbconv": MBConvBlock}
 
 
-def make_block(out_ch: int, *, kind: str = "res", **kwargs) -> nn.Module:
-  """The residual block registered as `kind` ("res" or "mbconv"; `config.model.block`)."""
+def _save_dots_and_convs(prim, *args, **params) -> bool:
+  return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+          or prim.name == "conv_general_dilated")
+
+
+# `config.model.remat` -> the `jax.checkpoint` policy of each block (None: no remat).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": _save_dots_and_convs}
+
+
+def _remat(cls, remat: str, static_argnums=()):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"Unknown model.remat {remat!r}; valid: {sorted(REMAT_POLICIES)}.")
+  if remat == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)
+
+
+def make_block(out_ch: int, *, kind: str = "res", remat: str = "none", **kwargs) -> nn.Module:
+  """The residual block registered as `kind` ("res" or "mbconv"; `config.model.block`), under
+  the `remat` policy."""
   if kind not in BLOCKS:
     raise ValueError(f"Unknown block kind {kind!r}; valid: {sorted(BLOCKS)}.")
-  return BLOCKS[kind](out_ch, **kwargs)
+  # `train` (argument 3, counting self) selects dropout: a Python bool, static under remat.
+  return _remat(BLOCKS[kind], remat, static_argnums=(3,))(out_ch, **kwargs)
 
 
 class AttentionBlock(nn.Module):
@@ -142,6 +177,11 @@ class AttentionBlock(nn.Module):
     out = einops.rearrange(out, "b n (h w) d -> b h w (n d)", h=hgt, w=wid)
     out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
     return (x + out).astype(self.dtype)
+
+
+def make_attention(*, remat: str = "none", **kwargs) -> nn.Module:
+  """`AttentionBlock(**kwargs)` under the `remat` policy."""
+  return _remat(AttentionBlock, remat)(**kwargs)
 
 
 class Downsample(nn.Module):

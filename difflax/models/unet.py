@@ -52,7 +52,7 @@ class DownLevel(nn.Module):
       h = layers.make_block(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
           h, emb, train)
       if self.use_attn:
-        h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
+        h = layers.make_attention(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
       skips.append(h)
     return h, skips
 
@@ -73,7 +73,7 @@ class UpLevel(nn.Module):
       h = layers.make_block(self.out_ch, dtype=self.dtype, name=f"res_{i}", **self.block_kwargs)(
           h, emb, train)
       if self.use_attn:
-        h = layers.AttentionBlock(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
+        h = layers.make_attention(dtype=self.dtype, name=f"attn_{i}", **self.attn_kwargs)(h)
     pre = h
     if self.upsample:
       h = layers.Upsample(dtype=self.dtype, name="upsample")(h)
@@ -107,6 +107,7 @@ class UNet(nn.Module):
   project_downsample: bool = False
   patch_size: int = 1
   dtype: Dtype = jnp.float32
+  remat: str = "none"           # Per residual / attention block: layers.REMAT_POLICIES.
 
   @nn.compact
   def __call__(self, x, t, y=None, low_res=None, aug_level=None, train: bool = False,
@@ -145,12 +146,12 @@ class UNet(nn.Module):
       res, full_res = res // p, full_res // p
     emb = emb.astype(self.dtype)
 
-    block_kwargs = dict(kind=self.block, dropout=self.dropout,
+    block_kwargs = dict(kind=self.block, dropout=self.dropout, remat=self.remat,
                         use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups)
     if self.block == "mbconv":
       block_kwargs.update(expansion=self.mbconv_expansion, se_ratio=self.se_ratio)
     attn_kwargs = dict(num_heads=self.num_heads, head_channels=self.head_channels,
-                       num_groups=self.num_groups)
+                       num_groups=self.num_groups, remat=self.remat)
     resolutions = [full_res // 2 ** i for i in range(levels)]
     top = self.skip_levels
     lam = None
@@ -187,7 +188,7 @@ class UNet(nn.Module):
     mid_ch = self.ch * self.ch_mult[-1]
     h = layers.make_block(mid_ch, dtype=self.dtype, name="mid_res_0", **block_kwargs)(h, emb,
                                                                                       train)
-    h = layers.AttentionBlock(dtype=self.dtype, name="mid_attn", **attn_kwargs)(h)
+    h = layers.make_attention(dtype=self.dtype, name="mid_attn", **attn_kwargs)(h)
     h = layers.make_block(mid_ch, dtype=self.dtype, name="mid_res_1", **block_kwargs)(h, emb,
                                                                                       train)
 
