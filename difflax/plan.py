@@ -22,11 +22,14 @@ raise `PlanError`, one line naming the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import importlib.util
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Optional
 
@@ -124,24 +127,44 @@ def _tpu_devices(name: str):
     raise PlanError(f"--topology={name} compiles with libtpu, which is not installed: pip "
                     f"install -e '.[tpu]' (jax[tpu]=={jax.__version__}), or use --topology=local.")
   # Compile-only devices need no TPU and no lock on one: let plans run beside each other (and
-  # beside a training process on a TPU VM).
+  # beside a training process on a TPU VM). Off a TPU VM libtpu would look its worker list up
+  # in the VM's metadata and print a screen of warnings; there is one (compile-only) worker.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
   try:
-    return topologies.get_topology_desc(name, "tpu").devices
+    with _native_stderr_silenced():
+      return topologies.get_topology_desc(name, "tpu").devices
   except Exception as e:  # jax raises JaxRuntimeError with libtpu's message.
     msg = str(e)
     dims = re.fullmatch(r"[^:]+:(\d+(?:x\d+)*)", name)
     if "chips_per_host_bounds" in msg and dims:  # Smaller than one host (v5e:1x1, v6e:1x1).
       bounds = [int(v) for v in dims.group(1).split("x")]
       try:
-        return topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=(
-            bounds + [1, 1])[:3]).devices
+        with _native_stderr_silenced():
+          return topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=(
+              bounds + [1, 1])[:3]).devices
       except Exception as e2:
         msg = str(e2)
     raise PlanError(f"--topology={name} is not a TPU topology libtpu can compile for "
                     f"({msg.splitlines()[0][:160]}); names are GENERATION:SHAPE as JAX spells "
                     f"them, e.g. {TOPOLOGY_EXAMPLES}, or 'local'.") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  """libtpu's C++ start-up writes warnings about the TPU VM it is not on straight to file
+  descriptor 2; what matters comes back as the exception's message."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(os.devnull, "w") as null:
+    os.dup2(null.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def _matmul_peak(device, n: int = 1024, reps: int = 5) -> float:
@@ -212,13 +235,27 @@ _OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I)
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
+def _not_cached(tgt: Target):
+  """Compile-only executables cannot be loaded back from JAX's persistent compilation cache
+  (each read fails with a warning): write none (private JAX config; if it moves, entries are
+  written and only warn)."""
+  if tgt.name == "local":
+    return contextlib.nullcontext()
+  try:
+    from jax._src import config as jax_config
+    return jax_config.persistent_cache_min_compile_time_secs(float("inf"))
+  except (ImportError, AttributeError):
+    return contextlib.nullcontext()
+
+
 def measure(c, gs, program: str, tgt: Target, workdir: str) -> dict:
   """Compiles one program and returns its per-device bytes, FLOPs and compile seconds; a
   compile the TPU compiler refuses for memory (RESOURCE_EXHAUSTED) returns the bytes its
   message states, marked `compiler_oom`."""
   t0 = time.perf_counter()
   try:
-    compiled, batch, params = _compile(c, gs, program, tgt, workdir)
+    with _not_cached(tgt):
+      compiled, batch, params = _compile(c, gs, program, tgt, workdir)
   except Exception as e:  # XLA reports memory exhaustion as a runtime error from compile().
     m = _OOM.search(str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not m:
@@ -285,19 +322,19 @@ def _candidates(c, m: dict, tgt: Target):
 
 
 def _search(c, gs, tgt: Target, workdir: str, m: dict) -> tuple[list, Optional[dict]]:
-  """Applies `_candidates` one after another (each compiled) until the program fits: (tried,
-  the settings that fit or None)."""
-  tried, changes = [], {}
+  """Tries `_candidates` in order, each compiled on top of the levers that helped so far (a
+  lever that did not lower the total is dropped again), until the program fits: (tried, the
+  settings that fit or None)."""
+  tried, kept, best = [], {}, m["bytes"]["total"]
   for step in _candidates(c, m, tgt):
-    changes.update(step)
-    trial = _with(c, **changes)
+    changes = {**kept, **step}
     logging.info("Plan search: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
-    r = measure(trial, gs, "train", tgt, workdir)
-    fits = r["bytes"]["total"] <= tgt.hbm
-    tried.append({"changes": dict(changes), "total_gib": r["bytes"]["total"] / GiB,
-                  "fits": fits, "compile_secs": r["compile_secs"]})
-    if fits:
-      return tried, dict(changes)
+    total = measure(_with(c, **changes), gs, "train", tgt, workdir)["bytes"]["total"]
+    tried.append({"changes": changes, "total_gib": total / GiB, "fits": total <= tgt.hbm})
+    if total <= tgt.hbm:
+      return tried, changes
+    if total < best:
+      kept, best = changes, total
   return tried, None
 
 
@@ -343,36 +380,46 @@ def plan(config, workdir: str, topology: str = "local", mfu: float = 0.4,
   return result
 
 
+def _bytes(b: float) -> str:
+  return f"{b / GiB:.3g} GiB" if abs(b) >= GiB / 10 else f"{b / 2 ** 20:.3g} MiB"
+
+
 def _verdict(row: dict, fix: Optional[dict]) -> str:
-  gib = lambda b: f"{b / GiB:.2f} GiB"
+  gib = _bytes
+  what = lambda changes: ", ".join(f"{k}={v}" for k, v in changes.items())
   if row["fits"]:
     return f"fits ({gib(row['headroom'])} free)"
   over = f"over by {gib(-row['headroom'])}"
   if row["program"] != "train":
     return f"{over}: lower sample.batch_size"
   if fix:
-    how = ", ".join(f"{k}={v}" for k, v in fix.items())
-    return f"{over}; fits with {how} (compiled: {gib(row['tried'][-1]['total_gib'] * GiB)})"
-  tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["changes"].items()) for t in
-                    row["tried"][-1:]) or "nothing left to try"
-  return f"{over}; no lever fits (last tried: {tried}): use a larger slice"
+    return f"{over}; fits with {what(fix)} ({gib(row['tried'][-1]['total_gib'] * GiB)})"
+  if not row["tried"]:
+    return f"{over}; no lever left to try: use a larger slice"
+  low = min(row["tried"], key=lambda t: t["total_gib"])
+  return (f"{over}; tried {len(row['tried'])} lever settings, the lowest "
+          f"{gib(low['total_gib'] * GiB)} with {what(low['changes'])}: use a larger slice")
 
 
 # ------------------------------------------------------------------------------ report
 def format_table(result: dict) -> str:
   """The plan as a text table (one row per compiled program)."""
-  per = "TensorCore" if result["devices_per_chip"] > 1 else "chip"
-  peak = (f", {result['peak_flops'] / 1e12:.1f} TFLOP/s peak ({result['peak_source']})"
-          if result["peak_flops"] else "")
-  head = (f"Plan for {result['topology']}: {result['devices']} x {result['device_kind']} "
-          f"({result['hbm_bytes'] / GiB:.1f} GiB per {per}{peak}); per {per}, at MFU "
-          f"{result['mfu']:.2f}:")
-  cols = ("stage", "program", "res", "params", "batch/dev", "settings", "args", "temps", "outs",
-          "total GiB", "TFLOP", "step", "img/s", "days", "verdict")
+  per = "TensorCore" if result["devices_per_chip"] > 1 else (
+      "chip" if result["topology"] != "local" else "device")
+  largest = max(r["bytes"]["total"] for r in result["programs"])
+  unit, div = ("GiB", GiB) if max(largest, result["hbm_bytes"]) >= GiB else ("MiB", 2 ** 20)
+  peak = result["peak_flops"]
+  peak = (f", {peak / 1e12:.4g} TFLOP/s" if peak and peak >= 1e12 else
+          f", {peak / 1e9:.4g} GFLOP/s" if peak else "")
+  head = (f"Plan for {result['topology']}: {result['devices']} x {result['device_kind']}, "
+          f"{result['hbm_bytes'] / div:.4g} {unit}{peak} ({result['peak_source']}) per {per}; "
+          f"memory and FLOPs per {per}, times at MFU {result['mfu']:.2f}:")
+  cols = ("stage", "program", "res", "params", "batch/dev", "settings", f"args {unit}", "temps",
+          "outs", "total", "GFLOP", "step", "img/s", "days", "verdict")
   lines = []
   for r in result["programs"]:
     b = r["bytes"]
-    g = lambda k: f"{b[k] / GiB:.3g}" if k in b else "-"
+    g = lambda k: f"{b[k] / div:.3g}" if k in b else "-"
     s = r["settings"]
     lines.append((
         r["stage"], r["program"] + (" (fade)" if r["fading"] else ""), str(r["resolution"]),
@@ -380,7 +427,7 @@ def format_table(result: dict) -> str:
         f"{r['per_device_batch']:g}" if r.get("per_device_batch") else "-",
         f"fsdp={s['fsdp']} {_SHORT[s['dtype']]} remat={s['remat']} accum={s['grad_accum']}",
         g("arguments"), g("temporaries"), g("outputs"), g("total"),
-        f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "-",
+        f"{r['flops'] / 1e9:.4g}" if r.get("flops") else "-",
         _secs(r.get("step_secs")),
         f"{r['images_per_sec']:.4g}" if r.get("images_per_sec") else "-",
         f"{r['days']:.3g}" if r.get("days") else "-", r["verdict"]))
@@ -402,14 +449,16 @@ def _count(n: Optional[int]) -> str:
 def _secs(s: Optional[float]) -> str:
   if s is None:
     return "-"
+  if s < 1e-3:
+    return f"{s * 1e6:.3g} us"
   return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
 def describe(result: dict) -> str:
   """One line: does everything fit, and the largest program's share of memory."""
   bad = [f"{r['stage']} {r['program']}" for r in result["programs"] if not r["fits"]]
-  largest = max(r["bytes"]["total"] for r in result["programs"]) / GiB
+  largest = max(r["bytes"]["total"] for r in result["programs"])
   return ("Every program fits" if not bad else
           f"{len(bad)} program(s) do not fit as configured ({', '.join(bad)})") + (
-      f"; the largest needs {largest:.2f} of {result['hbm_bytes'] / GiB:.1f} GiB per device.")
-
+      f"; the largest needs {100 * largest / result['hbm_bytes']:.3g} % of a device's "
+      f"{_bytes(result['hbm_bytes'])}. Written to plan.json.")

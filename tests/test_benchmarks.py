@@ -26,6 +26,7 @@ SCRIPTS = {
                                             "--ddim-steps=2", "--feature-steps=20"],
     "objectives.py": ["--config=dgm_cifar10:tiny", "--steps=3", "--chunk=3", "--skip=0",
                       "--variants=simple,iwdiff_k2+importance"],
+    "plan_papers.py": ["--tiny"],
 }
 
 
@@ -42,6 +43,8 @@ def test_benchmark_runs_at_tiny_size_and_prints_json(script, tmp_path):
     args.append(f"--cache-dir={tmp_path / 'cache'}")
   if script == "growth_convergence.py":
     args.append(f"--out={tmp_path / 'growth.png'}")
+  if script == "plan_papers.py":
+    args.append(f"--out={tmp_path / 'plans'}")
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO),
                         capture_output=True, text=True, timeout=600)
