@@ -70,12 +70,14 @@ def table(out: str) -> str:
       s = r["settings"]
       stage = r["stage"] if r["stage"] != "model" else ""
       stage += f" {r['resolution']}px" + (" (fading)" if r["fading"] else "")
+      num = lambda v, fmt: format(v, fmt) if v is not None else "-"
       rows.append(
           f"| `{name}:paper` | {stage.strip()} | {plan['topology']} | fsdp {s['fsdp']}, "
           f"{s['dtype']}, remat {s['remat']}, accum {s['grad_accum']} | "
-          f"{r['params'] / 1e6:.1f} M | {r['bytes']['total'] / 2 ** 30:.2f} "
-          f"({plan['hbm_bytes'] / 2 ** 30:.0f}) | {r['step_secs'] * 1e3:.0f} ms | "
-          f"{r['days']:.2f} | {r['verdict']} |")
+          f"{num(r['params'] and r['params'] / 1e6, '.1f')} M | "
+          f"{r['bytes']['total'] / 2 ** 30:.2f} ({plan['hbm_bytes'] / 2 ** 30:.0f}) | "
+          f"{num(r['step_secs'] and r['step_secs'] * 1e3, '.0f')} ms | {num(r['days'], '.2f')} "
+          f"| {r['verdict']} |")
   return "\n".join(rows)
 
 

@@ -8,6 +8,7 @@ images/s, milliseconds per network forward, FLOPs per forward from XLA's cost an
 against a measured fp32 matmul peak, compile seconds (cold / persistent cache) and peak RSS.
 """
 import json
+import os
 
 import _common
 
@@ -39,7 +40,7 @@ def main():
   peak = _common.matmul_peak_flops()
   print(json.dumps({
       "benchmark": "sample_throughput", "sampler": args.sampler,
-      "sample_steps": args.sample_steps, "backend": jax.default_backend(),
+      "sample_steps": args.sample_steps, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "batch_size": c.data.batch_size, "dtype": args.dtype,
       "chain_seconds_median": chain_s, "images_per_sec": c.data.batch_size / chain_s,

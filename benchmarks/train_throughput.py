@@ -9,6 +9,7 @@ analysis, MFU against a measured fp32 matmul peak, compile seconds (cold / persi
 peak RSS and parameter count.
 """
 import json
+import os
 
 import _common
 
@@ -26,7 +27,7 @@ def main():
   flops = _common.cost_flops(compiled)
   peak = _common.matmul_peak_flops()
   print(json.dumps({
-      "benchmark": "train_throughput", "backend": jax.default_backend(),
+      "benchmark": "train_throughput", "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "resolution": c.data.resolution, "batch_size": c.data.batch_size, "dtype": args.dtype,
       "step_seconds_median": step_s, "images_per_sec": c.data.batch_size / step_s,

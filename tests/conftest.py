@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.expanduser("~"), ".cache", "difflax-test-jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import difflax  # noqa: E402,F401  (its XLA:CPU defaults join XLA_FLAGS before the backend starts)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
