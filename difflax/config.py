@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       skip_bad_images=False,  # Folder datasets: skip unreadable files (counted) instead of failing.
       background=(255, 255, 255),  # Folder datasets: RGB that transparent pixels become.
       cache_dir="",         # Folder decode cache ("" = ~/.cache/difflax/folders).
+      eval_fraction=0.05,   # Folders: held out as eval_split, by a hash of each file's path.
       num_examples=4096,    # Size of the embedded dataset.
       shuffle_buffer=10_000,
       low_res=0,            # >0: batches also carry `low_res` (box-downsampled; cascade SR).

@@ -167,10 +167,14 @@ def embedded_dataset(num_examples: int, resolution: int, num_classes: int = 10,
 
 
 # --------------------------------------------------------------------------- folder dataset
-def folder_dataset(config) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """`folders.load` for a data config (memory-mapped uint8 images, labels, class names), with
-  the number of class subfolders checked against `data.num_classes`."""
-  images, labels, classes = folders.load(
+def folder_dataset(config, split: Optional[str] = None):
+  """(images memmap [N, R, R, C] uint8, labels [N] int32, rows [n], classes): the folder's
+  decoded images and labels (`folders.load`) and the rows of `split` (default `config.split`):
+  `config.eval_split` is the held-out `config.eval_fraction` of the files (by a hash of each
+  relative path, `folders.held_out`), `config.split` the rest; with `eval_fraction=0` (or too
+  few files for the hash to hold any out) both are every file. The number of class subfolders
+  is checked against `data.num_classes`."""
+  images, labels, classes, paths = folders.load(
       config.folder, config.resolution, config.channels, tuple(config.background),
       config.skip_bad_images, config.cache_dir)
   if classes and len(classes) != config.num_classes:
@@ -181,10 +185,40 @@ def folder_dataset(config) -> tuple[np.ndarray, np.ndarray, list[str]]:
   if not classes and config.num_classes > 1:
     logging.warning("%s is a flat folder (one class, label 0); data.num_classes=%d is not used "
                     "for its labels.", config.folder, config.num_classes)
-  return images, labels, classes
+  split = split or config.split
+  if split not in (config.split, config.eval_split):
+    raise DatasetError(f"A folder has two splits, config.data.split={config.split!r} and "
+                       f"config.data.eval_split={config.eval_split!r} (the held-out "
+                       f"{config.eval_fraction:.0%}); {split!r} is neither.")
+  if not 0 <= config.eval_fraction < 1:
+    raise DatasetError(f"config.data.eval_fraction={config.eval_fraction} must be in [0, 1).")
+  mask = folders.held_out(paths, config.eval_fraction)
+  if not mask.any() or mask.all():  # eval_fraction=0, or too few files to split.
+    if config.eval_fraction:
+      logging.warning("%s: %d images leave no held-out split at data.eval_fraction=%g; "
+                      "evaluation uses the training images.", config.folder, len(paths),
+                      config.eval_fraction)
+    rows = np.arange(len(paths))
+  else:
+    rows = np.flatnonzero(mask if split == config.eval_split and split != config.split
+                          else ~mask)
+  return images, labels, rows, classes
 
 
-# --------------------------------------------------------------------------- array streams
+def balanced_draw(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
+  """`min(num, N)` distinct indices into labels [N], drawn at random and as evenly over the label
+  values as the data allow (round robin over the classes in a random order): real and reference
+  sets that stand for the whole dataset, whatever order its files are in."""
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(labels))
+  lab = np.asarray(labels)[order]
+  rank = np.zeros(len(lab), np.int64)
+  for c in np.unique(lab):
+    at = lab == c
+    rank[at] = np.arange(at.sum())
+  return order[np.lexsort((rng.random(len(lab)), rank))[:num]]
+
+
 def array_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
                   **kwargs) -> Iterator[dict]:
   """Host-local batches of an in-memory (or memory-mapped) dataset: `index_batches`."""
@@ -352,9 +386,11 @@ def _host_batches(config, *, seed: int, start_step: int, split: str,
         raise ValueError("The embedded dataset is RGB: set config.data.channels=3.")
       images, labels = embedded_dataset(config.num_examples, config.resolution,
                                         config.num_classes, 0, split)
+      read, n = lambda idx: (images[idx], labels[idx]), len(images)
     else:
-      images, labels, _ = folder_dataset(config)
-    return array_batches(images, labels, batch, seed=seed, start_step=start_step,
+      images, labels, rows, _ = folder_dataset(config, split)
+      read, n = lambda idx: (images[rows[idx]], labels[rows[idx]]), len(rows)
+    return index_batches(read, n, batch, seed=seed, start_step=start_step,
                          random_flip=config.random_flip and split == config.split,
                          process_index=pidx, process_count=pcount)
   return tfds_batches(config, split, batch, seed=seed, start_step=start_step,
@@ -373,9 +409,14 @@ def sample_examples(config, num: int, seed: int = 0,
   """`sample_array` with the labels: (images [N, H, W, C] in [-1, 1], labels [N] int32)."""
   split = split or config.split
   if config.name == "embedded":
+    # Generated for this call: `num` fresh random draws of the split (labels uniform).
     images, labels = embedded_dataset(num, config.resolution, config.num_classes, 0, split)
   elif config.name == "folder":
-    images, labels, _ = folder_dataset(config)
+    images, labels, rows, _ = folder_dataset(config, split)
+    pick = rows[balanced_draw(labels[rows], num, seed)]
+    order = np.argsort(pick)  # Memory-mapped rows are read in file order, returned as drawn.
+    back = np.argsort(order)
+    images, labels = images[pick[order]][back], labels[pick]
   else:
     # The same examples on every process (statistics are per-host arrays, e.g. the reference
     # features that every process must agree on), not this process's slice of each batch.

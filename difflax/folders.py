@@ -1,7 +1,10 @@
 """Folder-of-images datasets: listing, decoding and a memory-mapped decode cache.
 
 Contract: `load(root, resolution, channels=3, background=(255, 255, 255), skip_bad_images=False,
-cache_dir="")` -> `(images: uint8 [N, R, R, C] (an `np.memmap`), labels: int32 [N], classes)`.
+cache_dir="")` -> `(images: uint8 [N, R, R, C] (an `np.memmap`), labels: int32 [N], classes,
+paths: [N] each row's file relative to root)`. `held_out(paths, fraction)` -> bool [N]: the rows
+of the held-out (eval) split, chosen by a hash of each relative path, so a file stays in its
+split when others are added or removed, on every machine.
   Layout: class subfolders of `root` become labels in sorted name order (`classes`); images
   directly in a flat folder get label 0 (`classes == []`). `root` may end in a slash or be a
   symlink; symlinked subfolders are followed; hidden files and non-image files are ignored.
@@ -164,4 +167,16 @@ def load(root: str, resolution: int, channels: int = 3, background=(255, 255, 25
       os.remove(lock)
   images = np.load(os.path.join(out_dir, "images.npy"), mmap_mode="r")
   labels = np.load(os.path.join(out_dir, "labels.npy"))
-  return images, labels, classes
+  with open(os.path.join(out_dir, "meta.json")) as f:
+    skipped = set(json.load(f)["skipped"])
+  root = os.path.normpath(root)
+  paths = [os.path.relpath(p, root) for p, _ in files if p not in skipped]
+  return images, labels, classes, paths
+
+
+def held_out(paths, fraction: float) -> np.ndarray:
+  """bool [N]: True for the rows whose relative path hashes below `fraction` (SHA-1 as a number
+  in [0, 1)): about `fraction` of the folder, fixed per file."""
+  u = np.array([int(hashlib.sha1(p.replace(os.sep, "/").encode()).hexdigest()[:15], 16)
+                for p in paths], np.float64) / 16 ** 15
+  return u < fraction

@@ -19,9 +19,11 @@ def test_class_subfolders_become_sorted_labels(tmp_path):
   for cls, color in (("dogs", (0, 0, 255)), ("cats", (255, 0, 0))):
     for i in range(3):
       save(tmp_path / "d" / cls / f"{i}.png", "RGB", (20, 12), color)
-  images, labels, classes = folders.load(str(tmp_path / "d"), 8, cache_dir=str(tmp_path / "c"))
+  images, labels, classes, paths = folders.load(str(tmp_path / "d"), 8,
+                                               cache_dir=str(tmp_path / "c"))
   assert isinstance(images, np.memmap) and images.shape == (6, 8, 8, 3)
   assert classes == ["cats", "dogs"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+  assert paths == [os.path.join(c, f"{i}.png") for c in classes for i in range(3)]
   assert tuple(images[0, 4, 4]) == (255, 0, 0) and tuple(images[5, 4, 4]) == (0, 0, 255)
   with pytest.raises(data.DatasetNotAvailableError, match="not a directory"):
     folders.load(str(tmp_path / "missing"), 8)
@@ -35,7 +37,7 @@ def test_flat_folder_with_and_without_trailing_slash_symlink_and_hidden(tmp_path
   (flat / "notes.txt").write_text("ignored")
   os.symlink(flat, tmp_path / "link")
   for root in (flat, str(flat) + "/", tmp_path / "link", str(tmp_path / "link") + "/"):
-    images, labels, classes = folders.load(str(root), 8, cache_dir=str(tmp_path / "c"))
+    images, labels, classes, _ = folders.load(str(root), 8, cache_dir=str(tmp_path / "c"))
     assert images.shape == (3, 8, 8, 3) and labels.tolist() == [0, 0, 0] and classes == []
 
 
@@ -65,9 +67,9 @@ def test_alpha_composites_over_the_background_before_resizing(tmp_path, recwarn)
 
 def test_grayscale_keeps_one_channel(tmp_path):
   save(tmp_path / "g" / "x.png", "L", (6, 6), 77)
-  images, _, _ = folders.load(str(tmp_path / "g"), 4, channels=1, cache_dir=str(tmp_path / "c"))
+  images, *_ = folders.load(str(tmp_path / "g"), 4, channels=1, cache_dir=str(tmp_path / "c"))
   assert images.shape == (1, 4, 4, 1) and (np.asarray(images) == 77).all()
-  rgb, _, _ = folders.load(str(tmp_path / "g"), 4, channels=3, cache_dir=str(tmp_path / "c"))
+  rgb, *_ = folders.load(str(tmp_path / "g"), 4, channels=3, cache_dir=str(tmp_path / "c"))
   assert rgb.shape == (1, 4, 4, 3) and (np.asarray(rgb) == 77).all()
 
 
@@ -75,20 +77,20 @@ def test_cache_is_hit_without_opening_images_and_rebuilt_when_the_folder_changes
     tmp_path, monkeypatch):
   for i in range(4):
     save(tmp_path / "f" / f"{i}.png", "RGB", (8, 8), (i * 40, 0, 0))
-  first, _, _ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
+  first, *_ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
   first = np.asarray(first).copy()
 
   def no_decoding(*args, **kwargs):
     raise AssertionError("an image was opened although the cache is valid")
   real = folders.decode
   monkeypatch.setattr(folders, "decode", no_decoding)
-  again, _, _ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
+  again, *_ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
   np.testing.assert_array_equal(again, first)
   save(tmp_path / "f" / "new.png", "RGB", (8, 8), (0, 0, 255))
   with pytest.raises(AssertionError, match="opened"):  # A new file: the cache is stale.
     folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
   monkeypatch.setattr(folders, "decode", real)
-  grown, _, _ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
+  grown, *_ = folders.load(str(tmp_path / "f"), 8, cache_dir=str(tmp_path / "c"))
   assert len(grown) == 5 and not [p for p in os.listdir(tmp_path / "c") if ".lock" in p]
 
 
@@ -99,7 +101,7 @@ def test_bad_file_is_named_or_skipped_and_counted(tmp_path, caplog):
   with pytest.raises(data.BadImageError, match="broken.png.*skip_bad_images"):
     folders.load(str(tmp_path / "b"), 8, cache_dir=str(tmp_path / "c"))
   with caplog.at_level("WARNING"):
-    images, labels, _ = folders.load(str(tmp_path / "b"), 8, skip_bad_images=True,
+    images, labels, *_ = folders.load(str(tmp_path / "b"), 8, skip_bad_images=True,
                                      cache_dir=str(tmp_path / "c"))
   assert images.shape == (3, 8, 8, 3) and len(labels) == 3
   assert "Skipped 1 unreadable image" in caplog.text
@@ -115,7 +117,7 @@ def test_class_count_is_checked_and_a_memory_mapped_folder_trains(tmp_path):
   with pytest.raises(data.DatasetError, match="num_classes=2"):
     data.folder_dataset(c.data)
   c.data.num_classes = 2
-  images, _, _ = data.folder_dataset(c.data)
+  images, *_ = data.folder_dataset(c.data)
   assert isinstance(images, np.memmap)  # Batches are read from the map, not a copy in RAM.
   c.train.update(num_steps=1, preview_every=0, eval_every=0)
   assert train.run(c, str(tmp_path / "run"))["step"] == 1
@@ -145,3 +147,76 @@ def test_concurrent_loaders_decode_once(tmp_path, monkeypatch):
     t.join(30)
   assert len(calls) == 6  # Every file decoded once, not once per loader.
   np.testing.assert_array_equal(out[0], out[1])
+
+
+def shapes_folder(root, per_class=60, size=16, seed=0):
+  """Three classes of solid shapes (disc, square, triangle) in random colours and places,
+  stored sorted by class as a user's folder would be."""
+  from PIL import ImageDraw
+  rng = np.random.default_rng(seed)
+  for cls in ("a_disc", "b_square", "c_triangle"):
+    os.makedirs(root / cls, exist_ok=True)
+    for i in range(per_class):
+      im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+      d = ImageDraw.Draw(im)
+      r = int(rng.integers(4, 7))
+      x, y = (int(v) for v in rng.integers(r, size - r, 2))
+      fill = tuple(int(v) for v in rng.integers(120, 256, 3))
+      if cls == "a_disc":
+        d.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+      elif cls == "b_square":
+        d.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+      else:
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+      im.save(root / cls / f"{i:03d}.png")
+
+
+def test_held_out_split_is_disjoint_stable_and_real_sets_stand_for_every_class(tmp_path):
+  shapes_folder(tmp_path / "f")
+  c = load_config("ddpm_cifar10", "tiny")
+  c.data.update(name="folder", folder=str(tmp_path / "f"), cache_dir=str(tmp_path / "c"),
+                num_classes=3, resolution=16, eval_fraction=0.25)
+  d = c.data
+  images, labels, train_rows, classes = data.folder_dataset(d, d.split)
+  _, _, eval_rows, _ = data.folder_dataset(d, d.eval_split)
+  assert classes == ["a_disc", "b_square", "c_triangle"] and len(images) == 180
+  assert not set(train_rows) & set(eval_rows) and len(train_rows) + len(eval_rows) == 180
+  assert 25 <= len(eval_rows) <= 65  # About a quarter, by the path hash.
+  _, _, _, paths = folders.load(d.folder, 16, cache_dir=d.cache_dir)
+  held = {paths[i] for i in eval_rows}
+  # A new file changes nothing for the others: each file's split is its own path's hash.
+  save(tmp_path / "f" / "b_square" / "new.png", "RGB", (16, 16), (9, 9, 9))
+  _, _, _, paths2 = folders.load(d.folder, 16, cache_dir=d.cache_dir)
+  _, _, eval2, _ = data.folder_dataset(d, d.eval_split)
+  assert held <= {paths2[i] for i in eval2} and len(paths2) == 181
+  with pytest.raises(data.DatasetError, match="two splits"):
+    data.folder_dataset(d, "validation")
+  # The files are sorted by class, yet a real set of 30 holds every class, 10 each ...
+  real, real_labels = data.sample_examples(d, 30, seed=1, split=d.split)
+  assert np.bincount(real_labels, minlength=3).tolist() == [10, 10, 10]
+  assert real.shape == (30, 16, 16, 3) and real.dtype == np.float32
+  # ... drawn from the training rows only, and returned as drawn (not grouped by class).
+  _, eval_labels = data.sample_examples(d, 1000, seed=1, split=d.eval_split)
+  assert len(eval_labels) == len(eval2)
+  assert len(set(real_labels[:3].tolist())) > 1 or len(set(real_labels[3:6].tolist())) > 1
+
+
+def test_quality_line_of_a_class_folder_describes_the_whole_folder(tmp_path):
+  """The real images' brackets: shape score near the class count (every class present), a
+  quick FD to the held-out reference far below that of noise; the accuracy line names the
+  held-out images."""
+  from difflax.evaluation import quality
+  shapes_folder(tmp_path / "f", per_class=80)
+  c = load_config("ddpm_cifar10", "tiny")
+  c.data.update(name="folder", folder=str(tmp_path / "f"), cache_dir=str(tmp_path / "c"),
+                num_classes=3, resolution=16, eval_fraction=0.25)
+  c.eval.update(feature_net=str(tmp_path / "quick.npz"), feature_steps=300,
+                reference_examples=1000)
+  real, _ = data.sample_examples(c.data, 60, seed=5, split=c.data.split)
+  noise = np.random.default_rng(0).uniform(-1, 1, real.shape).astype(np.float32)
+  good, bad = quality.score(c, real), quality.score(c, noise)
+  assert good["real_shape_score"] > 2.5 and good["shape_score"] > 2.5, good
+  assert good["quick_fd"] < 0.2 * bad["quick_fd"], (good, bad)
+  assert good["features_accuracy"] > 0.9
+  assert good["features_accuracy_on"].startswith("the held-out ")
+  assert "accurate on the held-out" in quality.line(good)

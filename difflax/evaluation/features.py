@@ -188,12 +188,23 @@ def train_feature_net(data_config, steps: int = 0, seed: int = 0,
     pred = np.concatenate([np.asarray(probs(params, images[lo:lo + 250])).argmax(-1)
                            for lo in range(0, len(images), 250)])
     meta.update(accuracy=float(np.mean(pred == labels)), accuracy_examples=int(len(labels)),
-                accuracy_split=("all (a folder has no held-out split)"
-                                if data_config.name == "folder" else data_config.eval_split))
+                accuracy_split=heldout_description(data_config))
   logging.info("Quick feature network %s (%s %dpx, %d steps): accuracy %s on the eval split",
                net.label, data_config.name, data_config.resolution, steps,
                f"{net.accuracy:.4f}" if net.accuracy is not None else "n/a (no labels)")
   return net
+
+
+def heldout_description(data_config) -> str:
+  """What the accuracy is measured on, as the quality line prints it."""
+  d = data_config
+  if d.name != "folder":
+    return f"held-out {d.name}:{d.eval_split}"
+  images, _, rows, _ = data_lib.folder_dataset(d, d.eval_split)
+  if len(rows) == len(images):
+    return "the folder's training images (no held-out split: data.eval_fraction=0 or too few files)"
+  return (f"the held-out {len(rows)} images of the folder ({d.eval_split}, "
+          f"data.eval_fraction={d.eval_fraction:g})")
 
 
 def default_path(data_config, steps: int = 0) -> str:
@@ -201,6 +212,8 @@ def default_path(data_config, steps: int = 0) -> str:
   `_s<steps>` for a recipe length other than the default)."""
   keys = ("name", "resolution", "channels", "num_classes", "num_examples", "folder", "data_dir",
           "split")
+  if data_config.name == "folder":  # Its training images depend on the held-out fraction.
+    keys += ("eval_fraction",)
   ident = hashlib.sha256(json.dumps({k: str(data_config[k]) for k in keys}).encode()).hexdigest()
   name = data_config.name.replace("/", "_")
   steps = steps or recipe_steps(data_config.resolution)

@@ -59,7 +59,8 @@ def score(config, images, mesh=None) -> dict:
   mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
   labelled = int(d.num_classes) > 1
   real, _ = data_lib.sample_examples(d, len(images), config.seed, d.split)
-  result = {"features": net.label, "features_accuracy": net.accuracy, "num": int(len(images)),
+  result = {"features": net.label, "features_accuracy": net.accuracy,
+            "features_accuracy_on": net.meta.get("accuracy_split"), "num": int(len(images)),
             "reference": f"{d.name}:{d.eval_split}:{len(ref)}"}
   result.update(_measure(net, images, ref, mu, cov, labelled, mesh))
   result.update({f"real_{k}": v for k, v in
@@ -72,7 +73,10 @@ def line(result: dict, what: str = "samples") -> str:
   brackets): quick FD 12.3 [4.1], KID 0.0123 [0.0011], shape score 7.9 [9.6], confident 0.81
   [0.97]'."""
   acc = result.get("features_accuracy")
-  acc = f"{100 * acc:.1f}% accurate on held-out data" if acc is not None else "accuracy unknown"
+  on = result.get("features_accuracy_on") or "held-out data"
+  if on in ("test", "validation", "train"):  # Networks saved before the text was recorded.
+    on = f"held-out {on}"
+  acc = f"{100 * acc:.1f}% accurate on {on}" if acc is not None else "accuracy unknown"
   parts = [f"quick FD {result['quick_fd']:.2f} [{result['real_quick_fd']:.2f}]",
            f"KID {result['quick_kid']:.4f} [{result['real_quick_kid']:.4f}]"]
   if "shape_score" in result:
