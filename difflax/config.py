@@ -6,10 +6,11 @@ framework reads, with CPU-scale defaults (the embedded dataset at 16x16, a ~0.6M
 start from it, change fields, and return it locked (`finalize`), so no new key can appear.
 `load("cascade_32_64:tiny", overrides)` is the one loader (CLI, tests, notebooks, plots,
 benchmarks): a packaged config by name or any `get_config` file by path, a `:arg` suffix
-(presets and key=value pairs, read by the file with `difflax.presets`), then `--config.a.b=value`
-overrides parsed to the field's type, then `validate`. Every mistake a user can make here raises
-`ConfigError` (a `ValueError`) with one line naming the field and the fix: an unknown key names
-its block, the closest valid key and the block's keys; an unknown preset lists the presets.
+(presets and key=value pairs read by the file; `folder=` / `tfds=` by `sources`), then
+`--config.a.b=value` overrides parsed to the field's type, then `validate`. Every mistake a user
+can make here raises `ConfigError` (a `ValueError`) with one line naming the field and the fix:
+an unknown key names its block, the closest key and the block's keys; an unknown preset lists
+the presets.
 `from_dict(json)` rebuilds the config a workdir recorded (`config.json`).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from difflax import losses
 from difflax import models
 from difflax import samplers
 from difflax import schedules
+from difflax import sources
 from difflax import state as state_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -82,8 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
       patch_size=1,         # >1: the UNet runs on p x p patches folded into channels (space-to-
                             # depth, "simple diffusion"); levels start at data.resolution / p.
       dtype="float32",      # Compute dtype: "float32" | "bfloat16" (params, Adam, EMA stay fp32).
-      remat="none",         # Per-block rematerialisation: "none" | "dots" | "full" (memory for
-                            # recompute; --mode=plan measures what each saves).
+      remat="none",         # Per-block recompute for memory: "none" | "dots" | "full".
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -284,7 +285,9 @@ def load(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(arg) function.")
   try:
+    arg, source = sources.split_arg(arg)  # :folder= / :tfds=, for every config file.
     c = module.get_config(arg)
+    sources.apply(c, source)
     for key, value in overrides:
       override(c, key, value)
     validate(c)
@@ -427,8 +430,7 @@ def validate(c: Any) -> None:
                       f"resolutions {bad} that no level has at data.resolution="
                       f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
   if c.model.class_conditional and c.data.num_classes <= 0:
-    raise ConfigError("config.model.class_conditional=True needs a labelled dataset "
-                      "(config.data.num_classes > 0).")
+    raise ConfigError("model.class_conditional=True needs labels (data.num_classes > 0).")
   if c.sample.surrogate and not (c.diffusion.type == "discrete" and
                                  0 <= c.sample.surrogate_t_mid <= c.diffusion.num_timesteps):
     raise ConfigError("config.sample.surrogate starts a discrete chain at "

@@ -33,7 +33,7 @@ import numpy as np
 from difflax import images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-RECIPE = 1  # Bump when decoding changes: cached folders are decoded again.
+RECIPE = 2  # Bump when decoding or the cache's contents change: folders are decoded again.
 DEFAULT_CACHE = os.path.join("~", ".cache", "difflax", "folders")
 
 
@@ -64,12 +64,15 @@ def list_files(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   return files, classes
 
 
-def decode(path: str, resolution: int, channels: int = 3,
-           background=(255, 255, 255)) -> np.ndarray:
-  """One file -> uint8 [R, R, C]: alpha composited over `background`, center crop, resize."""
+def decode(path: str, resolution: int, channels: int = 3, background=(255, 255, 255),
+           sides: list | None = None) -> np.ndarray:
+  """One file -> uint8 [R, R, C]: alpha composited over `background`, center crop, resize
+  (`sides`, if given, gets the image's shorter side)."""
   from PIL import Image
   with Image.open(path) as im:
     im.load()
+    if sides is not None:
+      sides.append(min(im.size))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
       with warnings.catch_warnings():  # PIL's palette-transparency note: handled right here.
         warnings.simplefilter("ignore")
@@ -95,10 +98,10 @@ def _build(out_dir: str, files, resolution, channels, background, skip_bad_image
   os.makedirs(tmp)
   images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), "w+", np.uint8,
                                      (len(files), resolution, resolution, channels))
-  labels, bad, t0 = [], [], time.perf_counter()
+  labels, bad, sides, t0 = [], [], [], time.perf_counter()
   for path, label in files:
     try:
-      images[len(labels)] = decode(path, resolution, channels, background)
+      images[len(labels)] = decode(path, resolution, channels, background, sides)
       labels.append(label)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files.
       if not skip_bad_images:
@@ -126,7 +129,9 @@ def _build(out_dir: str, files, resolution, channels, background, skip_bad_image
   np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, np.int32))
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump({"num": n, "skipped": bad, "resolution": resolution, "channels": channels,
-               "background": list(background), "seconds": time.perf_counter() - t0}, f)
+               "background": list(background), "seconds": time.perf_counter() - t0,
+               "upsampled": sum(side < resolution for side in sides),
+               "smallest_side": min(sides)}, f)
   try:
     os.rename(tmp, out_dir)
   except OSError:  # Another process finished the same cache first.
@@ -168,7 +173,12 @@ def load(root: str, resolution: int, channels: int = 3, background=(255, 255, 25
   images = np.load(os.path.join(out_dir, "images.npy"), mmap_mode="r")
   labels = np.load(os.path.join(out_dir, "labels.npy"))
   with open(os.path.join(out_dir, "meta.json")) as f:
-    skipped = set(json.load(f)["skipped"])
+    meta = json.load(f)
+  if meta.get("upsampled"):  # Blurrier than the resolution promises: say so on every run.
+    logging.warning("%d of %d images of %s are smaller than %dx%d (shorter side down to %d px) "
+                    "and are upsampled; a lower data.resolution matches them.", meta["upsampled"],
+                    meta["num"], root, resolution, resolution, meta["smallest_side"])
+  skipped = set(meta["skipped"])
   root = os.path.normpath(root)
   paths = [os.path.relpath(p, root) for p, _ in files if p not in skipped]
   return images, labels, classes, paths

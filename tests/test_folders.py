@@ -159,7 +159,7 @@ def shapes_folder(root, per_class=60, size=16, seed=0):
     for i in range(per_class):
       im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
       d = ImageDraw.Draw(im)
-      r = int(rng.integers(4, 7))
+      r = int(rng.integers(size // 4, size // 4 + 3))
       x, y = (int(v) for v in rng.integers(r, size - r, 2))
       fill = tuple(int(v) for v in rng.integers(120, 256, 3))
       if cls == "a_disc":
@@ -220,3 +220,39 @@ def test_quality_line_of_a_class_folder_describes_the_whole_folder(tmp_path):
   assert good["features_accuracy"] > 0.9
   assert good["features_accuracy_on"].startswith("the held-out ")
   assert "accurate on the held-out" in quality.line(good)
+
+
+def test_one_flag_points_every_cascade_stage_at_a_folder_and_trains_them(tmp_path, caplog):
+  """`cascade_32_64:tiny,folder=DIR`: both stages read the folder, each at its own resolution
+  (8 and 16), with its 3 classes (the default preset conditions on them); the 12x12 images are upsampled for the 16x16
+  stage, which the log says."""
+  from difflax import cascade
+  from difflax import config as config_lib
+  from difflax import train
+  shapes_folder(tmp_path / "f", per_class=20, size=12)
+  c = config_lib.load(f"cascade_32_64:tiny,folder={tmp_path / 'f'}")
+  c.unlock()
+  for name in cascade.stage_names(c):
+    st = c.stages[name]
+    st.data.cache_dir = str(tmp_path / "c")
+    st.train.update(preview_every=0)
+  stages = {n: cascade.stage_config(c, n).data for n in cascade.stage_names(c)}
+  assert {n: (d.name, d.folder, d.resolution, d.num_classes) for n, d in stages.items()} == {
+      "base": ("folder", str(tmp_path / "f"), 8, 3),
+      "sr_64": ("folder", str(tmp_path / "f"), 16, 3)}
+  default = config_lib.load(f"cascade_32_64:folder={tmp_path / 'f'}")  # Class-conditional.
+  assert [(default.stages[n].data.num_classes, default.stages[n].model.class_conditional)
+          for n in ("base", "sr_64")] == [(3, True), (3, True)]
+  batch = next(data.host_batches(stages["sr_64"], seed=0))
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["low_res"].shape == (8, 8, 8, 3)
+  assert "are smaller than 16x16 (shorter side down to 12 px)" in caplog.text
+  out = train.run(c, str(tmp_path / "run"))
+  assert out["base"]["step"] == 4 and out["sr_64"]["step"] == 4
+  # A flat folder has no labels to condition on; a missing one fails at load time.
+  save(tmp_path / "flat" / "x.png", "RGB", (8, 8), (1, 2, 3))
+  flat = config_lib.load(f"progressive_cifar10:tiny,folder={tmp_path / 'flat'}")
+  assert (flat.data.name, flat.data.num_classes, flat.model.class_conditional) == (
+      "folder", 1, False)
+  with pytest.raises(config_lib.ConfigError, match="is not a directory"):
+    config_lib.load(f"ddpm_cifar10:tiny,folder={tmp_path / 'missing'}")
+  assert config_lib.load("ddpm_cifar10:tiny,tfds=mnist").data.name == "mnist"
