@@ -264,8 +264,23 @@ def index_batches(read, n: int, global_batch: int, *, seed: int, start_step: int
 
 
 # --------------------------------------------------------------------------- TFDS
+TFDS_EXTRA = "pip install -e '.[tfds]'"
+
+
+def _tfds():
+  """tensorflow_datasets, or a one-line error naming the extra that brings it (and TensorFlow)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DatasetNotAvailableError(
+        f"TFDS datasets need tensorflow-datasets and TensorFlow, which difflax installs only "
+        f"with its [tfds] extra ({TFDS_EXTRA}; {e}). The embedded data and image folders "
+        "need neither.") from None
+  return tfds
+
+
 def _tfds_builder(name: str, data_dir: str):
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   try:
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # DatasetNotFoundError and friends
@@ -277,7 +292,7 @@ def tfds_reader(config, split: str):
   """(read, n) random access to a TFDS split prepared as ArrayRecord (`tfds.data_source`), or
   None for other file formats. `read(idx)` -> (uint8 [k, R, R, C] centre-cropped and resized
   images, labels [k]); only the examples asked for are read."""
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   builder = _tfds_builder(config.name, config.data_dir)
   if not builder.is_prepared() or builder.info.file_format != (
       tfds.core.file_adapters.FileFormat.ARRAY_RECORD):

@@ -33,7 +33,7 @@ case "$action" in
     fi ;;
   setup)
     ssh_all "set -e; [ -d difflax ] || git clone --branch $BRANCH $REPO difflax; cd difflax &&
-      git pull --ff-only && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]'" ;;
+      git pull --ff-only && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,tfds,gcs]'" ;;
   run)
     : "${CONFIG:?set CONFIG}" "${WORKDIR:?set WORKDIR (gs://...)}"
     extra=${DATA_DIR:+--config.data.data_dir=$DATA_DIR}

@@ -137,3 +137,24 @@ def test_statistics_examples_are_the_same_on_every_process(tiny_config, tmp_path
     assert got[0].shape == (16, 8, 8, 3)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_tensorflow_is_an_extra_and_its_absence_is_one_line(monkeypatch, tiny_config):
+  """`pip install difflax` resolves no TensorFlow (the [tfds] extra brings it with TFDS);
+  choosing a TFDS dataset without it says which extra to install."""
+  import builtins
+  import importlib.metadata
+  core = [r for r in importlib.metadata.requires("difflax") if "extra ==" not in r]
+  assert core and not [r for r in core if r.lower().startswith(("tensorflow", "tf-"))], core
+  tfds_extra = [r for r in importlib.metadata.requires("difflax") if 'extra == "tfds"' in r]
+  assert any(r.startswith("tensorflow-datasets") for r in tfds_extra), tfds_extra
+  real_import = builtins.__import__
+
+  def no_tfds(name, *args, **kwargs):
+    if name.startswith("tensorflow"):
+      raise ImportError(f"No module named {name!r}")
+    return real_import(name, *args, **kwargs)
+  monkeypatch.setattr(builtins, "__import__", no_tfds)
+  tiny_config.data.name = "cifar10"
+  with pytest.raises(data.DatasetNotAvailableError, match=r"\[tfds\] extra \(pip install -e"):
+    next(data.host_batches(tiny_config.data, seed=0))
