@@ -5,6 +5,12 @@ Contract: `train_feature_net(data_config, steps, seed)` trains a small CNN class
 `features(images: [N, H, W, C] in [-1, 1]) -> [N, 128] float32` are its penultimate activations
 and `probs(images) -> [N, num_classes]` its class probabilities; `accuracy` is its accuracy on
 the eval split, measured after training and kept in its metadata.
+Unlabelled data (one class: a flat folder, `data.num_classes <= 1`) cannot train a classifier
+(a one-class one has features that carry nothing and scores every image perfectly), so the same
+network trains label-free, as the encoder of an autoencoder: its 128 features must reconstruct
+the image at 8x8 (`AE_SIZE`) through one linear layer; `meta["objective"]` says which, and
+`meta["heldout_r2"]` (the fraction of the held-out images' 8x8 pixel variance the features
+reconstruct) is its instrument check in place of an accuracy.
 Bundles save to / load from one weights file (`fileio.save_weights`) and carry `weights_hash`
 (`trees.content_hash` of their weights): quick FD / KID are always reported with it
 ("quick:<hash>") so they are never mistaken for Inception FID, which needs the standard network.
@@ -40,6 +46,7 @@ ABOVE_32_STEPS = 1000  # 64x64 measured 99.3 % held out after 1000 steps (99.6 %
 RECIPE = 2  # Bump when the architecture or training recipe changes: cached networks retrain.
 CHANNELS = (16, 32, 64, 128)
 HELDOUT_EXAMPLES = 1000  # Eval-split examples its accuracy is measured on.
+AE_SIZE = 8  # Unlabelled data: the features reconstruct the image at AE_SIZE x AE_SIZE.
 # The embedded data are procedural, so the network trains on at least this many pixels' worth
 # of draws of the train split (16,384 images at 16x16, 4,096 at 32x32): on the 4,096 examples of
 # the default config it overfits at 16x16 (96.6 % held out after 1600 steps, 97.4 % with 16,384).
@@ -91,6 +98,25 @@ class FeatureNet:
     """Classification accuracy on the eval split, held out (None: unlabelled data or a network
     file from before it was recorded)."""
     return self.meta.get("accuracy")
+
+  @property
+  def labelled(self) -> bool:
+    """A classifier (probabilities, shape score) rather than a label-free encoder."""
+    return self.meta.get("objective", "classifier") == "classifier"
+
+  def describe(self) -> str:
+    """The instrument's own quality, as the quality line prints it."""
+    if not self.labelled:
+      r2 = self.meta.get("heldout_r2")
+      return ("label-free autoencoder features" + (
+          f", reconstructing {100 * r2:.1f}% of held-out {AE_SIZE}x{AE_SIZE} pixel variance"
+          if r2 is not None else ""))
+    if self.accuracy is None:
+      return "accuracy unknown"
+    on = self.meta.get("accuracy_split") or "held-out data"
+    if on in ("test", "validation", "train"):  # Networks saved before the text was recorded.
+      on = f"held-out {on}"
+    return f"{100 * self.accuracy:.1f}% accurate on {on}"
 
   def features(self, images, mesh=None, batch_size: int = 256) -> np.ndarray:
     """[N, H, W, C] float in [-1, 1] (or uint8) -> [N, 128] float32 features, computed in
@@ -144,6 +170,7 @@ def train_feature_net(data_config, steps: int = 0, seed: int = 0,
   are printed with: a weak instrument is visible as such)."""
   steps = steps or recipe_steps(data_config.resolution)
   num_classes = max(int(data_config.num_classes), 1)
+  labelled = num_classes > 1
   model = Classifier(num_classes)
   train_data = data_config
   # ... but never more than the recipe draws (short smoke-test recipes render few).
@@ -156,30 +183,60 @@ def train_feature_net(data_config, steps: int = 0, seed: int = 0,
   it = data_lib.host_batches(train_data, seed=seed, batch_size=batch_size, replicated=True)
   first = next(it)
   params = model.init(jax.random.key(seed), jnp.asarray(first["image"]))["params"]
+  channels = first["image"].shape[-1]
+  decoder = nn.Dense(AE_SIZE * AE_SIZE * channels)
+  if not labelled:  # Label-free: a linear decoder from the features to the 8x8 image.
+    params = {"net": params, "decoder": decoder.init(jax.random.key(seed + 1),
+                                                     jnp.zeros((1, FEATURE_DIM)))["params"]}
   warmup = min(50, steps // 4)
   opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(steps, warmup + 1)))
   opt_state = opt.init(params)
 
+  def reconstruction(p, x):
+    """(the features' 8x8 reconstruction, the 8x8 target) of x: [B, H, W, C]."""
+    f = model.apply({"params": p["net"]}, x, return_features=True)
+    target = jax.image.resize(x, (x.shape[0], AE_SIZE, AE_SIZE, channels), "linear")
+    return decoder.apply({"params": p["decoder"]}, f).reshape(target.shape), target
+
   @jax.jit
   def step(params, opt_state, x, y):
     def loss_fn(p):
+      if not labelled:
+        pred, target = reconstruction(p, x)
+        return jnp.mean((pred - target) ** 2), jnp.zeros(())
       logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+              (logits.argmax(-1) == y).mean())
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss, (logits.argmax(-1) == y).mean()
+    return optax.apply_updates(params, updates), opt_state, loss, acc
 
   batch, acc = first, 0.0
   for _ in range(steps):
     params, opt_state, loss, acc = step(params, opt_state, jnp.asarray(batch["image"]),
                                         jnp.asarray(batch["label"]))
     batch = next(it)
+  trained = params
+  params = params if labelled else params["net"]
   meta = {"recipe": RECIPE, "dataset": data_config.name, "resolution": int(data_config.resolution),
           "num_classes": num_classes, "steps": steps, "seed": seed,
+          "objective": "classifier" if labelled else "autoencoder",
           "train_examples": int(train_data.num_examples) if train_data.name == "embedded" else None,
-          "final_train_accuracy": float(acc), "weights_hash": trees.content_hash(params)}
+          "final_train_accuracy": float(acc) if labelled else None,
+          "final_train_loss": float(loss), "weights_hash": trees.content_hash(params)}
   net = FeatureNet(params, meta)
-  if num_classes > 1:
+  if not labelled:  # The held-out fraction of 8x8 pixel variance the features reconstruct.
+    images, _ = data_lib.sample_examples(data_config, HELDOUT_EXAMPLES,
+                                         split=data_config.eval_split)
+    recon = jax.jit(reconstruction)
+    err = var = 0.0
+    for lo in range(0, len(images), 250):
+      pred, target = recon(trained, jnp.asarray(images[lo:lo + 250]))
+      err += float(jnp.sum((pred - target) ** 2))
+      var += float(jnp.sum((target - target.mean(0)) ** 2))
+    meta.update(heldout_r2=1.0 - err / max(var, 1e-12), heldout_examples=int(len(images)),
+                accuracy_split=heldout_description(data_config))
+  else:
     # On this process's default device (not `probs`, which shards over every process's
     # devices): in a multi-process job only process 0 trains and measures the network.
     images, labels = data_lib.sample_examples(data_config, HELDOUT_EXAMPLES,
@@ -189,9 +246,8 @@ def train_feature_net(data_config, steps: int = 0, seed: int = 0,
                            for lo in range(0, len(images), 250)])
     meta.update(accuracy=float(np.mean(pred == labels)), accuracy_examples=int(len(labels)),
                 accuracy_split=heldout_description(data_config))
-  logging.info("Quick feature network %s (%s %dpx, %d steps): accuracy %s on the eval split",
-               net.label, data_config.name, data_config.resolution, steps,
-               f"{net.accuracy:.4f}" if net.accuracy is not None else "n/a (no labels)")
+  logging.info("Quick feature network %s (%s %dpx, %d steps): %s", net.label,
+               data_config.name, data_config.resolution, steps, net.describe())
   return net
 
 
@@ -237,7 +293,9 @@ def get_or_train(data_config, path: str = "", steps: int = 0) -> FeatureNet:
     with fileio.lock(path):
       if fileio.exists(path):
         net = load(path)
-        current = net.meta.get("recipe") == RECIPE and net.meta.get("steps") == steps
+        current = (net.meta.get("recipe") == RECIPE and net.meta.get("steps") == steps
+                   # One-class classifiers from before unlabelled data trained label-free.
+                   and (int(data_config.num_classes) > 1 or not net.labelled))
         if not (explicit or current):
           net = None
       if net is None:

@@ -12,7 +12,9 @@ float in [-1, 1]) in the quick feature network of `config.data` (cached, trained
   * the same numbers for N real training-split examples as `real_<name>`: the ceiling at this
     sample count (FD and KID are biased upwards for small N, so a run's numbers are read against
     them, not against 0);
-  * `features` (the network label), `features_accuracy` (its held-out accuracy) and `num`.
+  * `features` (the network label), `features_accuracy` (its held-out accuracy),
+    `features_quality` (that, or for unlabelled data the label-free features' held-out
+    reconstruction, as a phrase) and `num`. Unlabelled data get FD and KID only.
 `line(result, what)` is the one-line summary; `report(config, images, mesh, what)` logs it and
 returns the result (what `train`, `--mode=sample` and a cascade's pipeline call).
 """
@@ -57,10 +59,10 @@ def score(config, images, mesh=None) -> dict:
   net = stats.extractor(config, "quick")
   ref = stats.reference_features(config, net, config.eval.reference_examples, mesh=mesh)
   mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
-  labelled = int(d.num_classes) > 1
+  labelled = int(d.num_classes) > 1 and net.labelled
   real, _ = data_lib.sample_examples(d, len(images), config.seed, d.split)
   result = {"features": net.label, "features_accuracy": net.accuracy,
-            "features_accuracy_on": net.meta.get("accuracy_split"), "num": int(len(images)),
+            "features_quality": net.describe(), "num": int(len(images)),
             "reference": f"{d.name}:{d.eval_split}:{len(ref)}"}
   result.update(_measure(net, images, ref, mu, cov, labelled, mesh))
   result.update({f"real_{k}": v for k, v in
@@ -72,11 +74,7 @@ def line(result: dict, what: str = "samples") -> str:
   """'Quality of 64 samples (quick:ab12 net, 98.0% accurate; real data of the same count in
   brackets): quick FD 12.3 [4.1], KID 0.0123 [0.0011], shape score 7.9 [9.6], confident 0.81
   [0.97]'."""
-  acc = result.get("features_accuracy")
-  on = result.get("features_accuracy_on") or "held-out data"
-  if on in ("test", "validation", "train"):  # Networks saved before the text was recorded.
-    on = f"held-out {on}"
-  acc = f"{100 * acc:.1f}% accurate on {on}" if acc is not None else "accuracy unknown"
+  acc = result.get("features_quality", "accuracy unknown")
   parts = [f"quick FD {result['quick_fd']:.2f} [{result['real_quick_fd']:.2f}]",
            f"KID {result['quick_kid']:.4f} [{result['real_quick_kid']:.4f}]"]
   if "shape_score" in result:
