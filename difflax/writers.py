@@ -10,12 +10,11 @@ training metrics, `steps_per_sec` / `uptime` and eval results land in one machin
 history (`history(workdir)` reads it back; `evaluation.evaluator.plot_history` draws it).
 Images and texts go to TensorBoard (and a log line) only.
 
-`EventFileWriter` writes TensorBoard event files itself (TFRecord framing with masked CRC-32C of
-tensorboard's `Event` protos: scalars as simple values, images as PNG summaries, texts as text
--plugin tensors) through `fileio` paths, so `gs://` workdirs work as local ones do. Nothing here
-imports TensorFlow or clu: `clu.metric_writers` imports TensorFlow for its summary writer, 5 of
-the ~7 CPU-seconds every difflax process (each host of a pod job, each test launch) spent
-starting up.
+`EventFileWriter` writes TensorBoard event files with tensorboardX (what PyTorch and JAX users
+already install; no TensorFlow), URL logdirs through `fileio` paths, so `gs://` workdirs work as
+local ones do. Nothing here imports TensorFlow or clu: `clu.metric_writers` imports TensorFlow
+for its summary writer, 5 of the ~7 CPU-seconds every difflax process (each host of a pod job,
+each test launch) spent starting up.
 
 `ReportProgress(num_train_steps=, writer=, every_steps=, every_secs=60)` is clu's periodic action
 of that name: called after every step, it writes `steps_per_sec` and `uptime` every
@@ -27,22 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import struct
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.proto import summary_pb2
-from tensorboard.compat.proto import tensor_pb2
-from tensorboard.compat.proto import tensor_shape_pb2
-from tensorboard.compat.proto import types_pb2
+import tensorboardX
+import tensorboardX.record_writer
 
 from difflax import fileio
-from difflax import images as images_lib
 
 HISTORY = "metrics.jsonl"
 
@@ -98,98 +91,56 @@ class JsonlWriter(MetricWriter):
     fileio.append_jsonl(self.path, row)
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected.
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of `data`, the checksum TFRecord framing uses."""
-  crc, table = 0xFFFFFFFF, _CRC_TABLE
-  for b in data:
-    crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: length, its masked CRC, the data, its masked CRC (little-endian)."""
-  length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", masked_crc32c(length)) + data +
-          struct.pack("<I", masked_crc32c(data)))
-
-
-def _png(image) -> bytes:
-  arr = np.asarray(image)
-  if arr.dtype != np.uint8:  # Floats in [0, 1], as TensorBoard's image summaries take them.
-    arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-  return images_lib.png_bytes(arr)
-
-
 class EventFileWriter(MetricWriter):
-  """TensorBoard events in `logdir/events.out.tfevents.<time>.<host>.<pid>.0.v2`, flushed after
-  every write (an object store receives the file whole on `close`)."""
+  """TensorBoard events in `logdir/events.out.tfevents.*`, written by tensorboardX (scalars as
+  simple values, images as PNG summaries, texts as text-plugin tensors under
+  `<name>/text_summary`), flushed every `flush_secs` and on `flush` / `close`. URL logdirs go
+  through `fileio` paths like every other file of a run (`_UrlFiles`)."""
 
-  def __init__(self, logdir: str):
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0.v2"
-    path = fileio.path(logdir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    self.path = path
-    self._file = path.open("wb")
-    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-  def _write(self, event) -> None:
-    self._file.write(tfrecord(event.SerializeToString()))
-    self._file.flush()
-
-  def _summary(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
-    self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                summary=summary_pb2.Summary(value=list(values))))
+  def __init__(self, logdir: str, flush_secs: int = 30):
+    logdir = str(logdir)
+    if fileio.is_url(logdir):  # Any scheme fileio serves (gs://, s3://, a registered one).
+      tensorboardX.record_writer.register_writer_factory(logdir.split(":")[0], _UrlFiles())
+    self._writer = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=flush_secs)
 
   def write_scalars(self, step, scalars):
-    self._summary(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(np.asarray(v)))
-                         for k, v in scalars.items()])
+    for k, v in scalars.items():
+      self._writer.add_scalar(k, float(np.asarray(v)), int(step))
 
   def write_images(self, step, images):
     """images: {name: [N, H, W, C]} uint8 (or floats in [0, 1]); one summary per image."""
-    values = []
     for k, batch in images.items():
       batch = np.asarray(batch)
+      if batch.dtype != np.uint8:
+        batch = (np.clip(batch, 0, 1) * 255).round().astype(np.uint8)
       for i, im in enumerate(batch):
-        tag = k if len(batch) == 1 else f"{k}/{i}"
-        values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
-            height=im.shape[0], width=im.shape[1], colorspace=im.shape[2],
-            encoded_image_string=_png(im))))
-    self._summary(step, values)
+        self._writer.add_image(k if len(batch) == 1 else f"{k}/{i}", im, int(step),
+                               dataformats="HWC")
 
   def write_texts(self, step, texts):
-    meta = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
-    self._summary(step, [summary_pb2.Summary.Value(tag=k, metadata=meta, tensor=tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_STRING, string_val=[str(v).encode()],
-        tensor_shape=tensor_shape_pb2.TensorShapeProto())) for k, v in texts.items()])
+    for k, v in texts.items():
+      self._writer.add_text(k, str(v), int(step))
 
   def write_hparams(self, hparams):
     self.write_texts(0, {"hparams": "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items()))})
 
   def flush(self):
-    self._file.flush()
+    self._writer.flush()
 
   def close(self):
-    if not self._file.closed:
-      self._file.close()
+    self._writer.close()
+
+
+class _UrlFiles:
+  """tensorboardX's writer factory for URL logdirs: `fileio` paths (etils.epath), so event files
+  land wherever checkpoints and metrics do (an object store receives each file whole on close)."""
+
+  def open(self, path):
+    return fileio.path(path).open("wb")
+
+  def directory_check(self, path):
+    fileio.path(path).mkdir(parents=True, exist_ok=True)
+
 
 
 class MultiWriter(MetricWriter):
