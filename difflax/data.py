@@ -190,19 +190,8 @@ def folder_dataset(config, split: Optional[str] = None):
     raise DatasetError(f"A folder has two splits, config.data.split={config.split!r} and "
                        f"config.data.eval_split={config.eval_split!r} (the held-out "
                        f"{config.eval_fraction:.0%}); {split!r} is neither.")
-  if not 0 <= config.eval_fraction < 1:
-    raise DatasetError(f"config.data.eval_fraction={config.eval_fraction} must be in [0, 1).")
-  mask = folders.held_out(paths, config.eval_fraction)
-  if not mask.any() or mask.all():  # eval_fraction=0, or too few files to split.
-    if config.eval_fraction:
-      logging.warning("%s: %d images leave no held-out split at data.eval_fraction=%g; "
-                      "evaluation uses the training images.", config.folder, len(paths),
-                      config.eval_fraction)
-    rows = np.arange(len(paths))
-  else:
-    rows = np.flatnonzero(mask if split == config.eval_split and split != config.split
-                          else ~mask)
-  return images, labels, rows, classes
+  held = split == config.eval_split and split != config.split
+  return images, labels, folders.split_rows(paths, config.eval_fraction, held), classes
 
 
 def balanced_draw(labels: np.ndarray, num: int, seed: int) -> np.ndarray:

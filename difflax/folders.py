@@ -4,7 +4,7 @@ Contract: `load(root, resolution, channels=3, background=(255, 255, 255), skip_b
 cache_dir="")` -> `(images: uint8 [N, R, R, C] (an `np.memmap`), labels: int32 [N], classes,
 paths: [N] each row's file relative to root)`. `held_out(paths, fraction)` -> bool [N]: the rows
 of the held-out (eval) split, chosen by a hash of each relative path, so a file stays in its
-split when others are added or removed, on every machine.
+split when others are added or removed, on every machine; `split_rows` the row indices of one.
   Layout: class subfolders of `root` become labels in sorted name order (`classes`); images
   directly in a flat folder get label 0 (`classes == []`). `root` may end in a slash or be a
   symlink; symlinked subfolders are followed; hidden files and non-image files are ignored.
@@ -182,6 +182,20 @@ def load(root: str, resolution: int, channels: int = 3, background=(255, 255, 25
   root = os.path.normpath(root)
   paths = [os.path.relpath(p, root) for p, _ in files if p not in skipped]
   return images, labels, classes, paths
+
+
+def split_rows(paths, fraction: float, held: bool) -> np.ndarray:
+  """Rows of the held-out split (`held`) or of the rest; every row when the hash holds none or
+  all of the files out (`fraction=0`, or a folder too small), which the log says."""
+  if not 0 <= fraction < 1:
+    raise DatasetError(f"config.data.eval_fraction={fraction} must be in [0, 1).")
+  mask = held_out(paths, fraction)
+  if mask.any() and not mask.all():
+    return np.flatnonzero(mask if held else ~mask)
+  if fraction:
+    logging.warning("%d images leave no held-out split at data.eval_fraction=%g; evaluation "
+                    "uses the training images.", len(paths), fraction)
+  return np.arange(len(paths))
 
 
 def held_out(paths, fraction: float) -> np.ndarray:

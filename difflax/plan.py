@@ -14,8 +14,7 @@ as sharded, plus the batch; temporaries; outputs less what aliases the donated s
 their total against the device's memory (`CHIPS`, or `hbm_gib` to override), FLOPs per step (of
 the compiled program: rematerialisation's recompute included), and a projected step time,
 images/s and days to `train.num_steps` at `mfu` of the device's peak. A program that does not fit
-gets a search (`_search`): the levers of `LEVERS`, applied one after another and each compiled
-and measured, until one fits; the verdict names the first that does and lists what was tried.
+gets a search (`_search`): levers compiled one after another until one fits; the verdict names it.
 The result goes to `workdir/plan.json`; `format_table(result)` is the table the CLI prints.
 Mistakes (an unknown topology, libtpu missing, a batch that does not split over the devices)
 raise `PlanError`, one line naming the fix.
@@ -66,11 +65,6 @@ CHIPS = {
     "NVIDIA H200": (141e9, 989e12),
 }
 TOPOLOGY_EXAMPLES = "v4:2x2x1, v4:2x2x4, v5e:2x2, v5e:4x4, v5e:16x16, v5p:2x2x1, v6e:4x4"
-# Memory levers the search applies in this order, each on top of the previous ones: FSDP over
-# every device (only when the sharded state is a large part of memory), bf16 compute, remat
-# keeping conv / matmul outputs, full remat, then gradient accumulation doubling while every
-# device still gets at least one example per micro-batch.
-LEVERS = ("mesh.fsdp", "model.dtype", "model.remat=dots", "model.remat=full", "optim.grad_accum")
 REMAT_ORDER = ("none", "dots", "full")
 
 
@@ -93,12 +87,8 @@ class Target:
 
 def target(topology: str = "local", hbm_gib: float = 0) -> Target:
   """The devices of `topology` ("local" or a TPU topology name) and their memory and peak."""
-  if topology == "local":
-    devices = tuple(jax.devices())
-  else:
-    devices = tuple(_tpu_devices(topology))
-  d = devices[0]
-  kind = d.device_kind
+  devices = tuple(jax.devices() if topology == "local" else _tpu_devices(topology))
+  d, kind = devices[0], devices[0].device_kind
   chips = len({tuple(getattr(x, "coords", (x.id,))) for x in devices})
   per_chip = max(1, len(devices) // chips) if d.platform == "tpu" else 1
   hbm, peak = next((v for k, v in sorted(CHIPS.items(), key=lambda kv: -len(kv[0]))
@@ -108,17 +98,14 @@ def target(topology: str = "local", hbm_gib: float = 0) -> Target:
   if hbm is not None:
     hbm, peak = hbm / per_chip, peak / per_chip
   if d.platform == "gpu":
-    stats = d.memory_stats() or {}
-    hbm = stats.get("bytes_limit", hbm)
+    hbm = (d.memory_stats() or {}).get("bytes_limit", hbm)
   elif d.platform == "cpu":
     # Fake CPU devices share the host: its RAM and its measured matmul rate, split evenly.
     hbm = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices)
     peak, source = _matmul_peak(d) / len(devices), "measured float32 matmul"
+  hbm = hbm_gib * GiB if hbm_gib else hbm
   if hbm is None:
-    raise PlanError(f"No memory size known for {kind!r} devices; pass --hbm_gib=<GiB per "
-                    "device>.")
-  if hbm_gib:
-    hbm = hbm_gib * GiB
+    raise PlanError(f"No memory size known for {kind!r} devices; pass --hbm_gib=GiB_PER_DEVICE.")
   return Target(topology, devices, kind, float(hbm), peak, per_chip, source)
 
 
@@ -169,15 +156,14 @@ def _native_stderr_silenced():
 
 def _matmul_peak(device, n: int = 1024, reps: int = 5) -> float:
   """FLOP/s of a float32 n x n matmul on `device` (best of `reps`)."""
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-  f = jax.jit(lambda x: x @ x)
+  a, f = jax.device_put(jnp.ones((n, n), jnp.float32), device), jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = float("inf")
+  times = []
   for _ in range(reps):
     t0 = time.perf_counter()
     f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / min(times)
 
 
 # ------------------------------------------------------------------------------ programs
@@ -304,11 +290,12 @@ def _with(c, **changes):
 
 
 def _candidates(c, m: dict, tgt: Target):
-  """The search's cumulative lever steps from stage config `c` whose measurement is `m`."""
-  n = len(tgt.devices)
-  steps = []
-  state_bytes = m["bytes"].get("arguments", 0)
-  if c.mesh.fsdp < n and state_bytes > tgt.hbm / 8:
+  """The search's lever steps from stage config `c` (measured `m`), in order: FSDP over every
+  device (when the sharded state is a large part of memory), bf16 compute, remat keeping conv /
+  matmul outputs, full remat, then gradient accumulation doubling while every device still
+  gets at least one example per micro-batch."""
+  n, steps = len(tgt.devices), []
+  if c.mesh.fsdp < n and m["bytes"].get("arguments", 0) > tgt.hbm / 8:
     steps.append({"mesh.fsdp": n})
   if c.model.dtype == "float32":
     steps.append({"model.dtype": "bfloat16"})
@@ -385,8 +372,7 @@ def _bytes(b: float) -> str:
 
 
 def _verdict(row: dict, fix: Optional[dict]) -> str:
-  gib = _bytes
-  what = lambda changes: ", ".join(f"{k}={v}" for k, v in changes.items())
+  gib, what = _bytes, lambda changes: ", ".join(f"{k}={v}" for k, v in changes.items())
   if row["fits"]:
     return f"fits ({gib(row['headroom'])} free)"
   over = f"over by {gib(-row['headroom'])}"
