@@ -47,7 +47,7 @@ def run(name: str, topology: str, flags: list, out: str, tiny: bool) -> dict:
   t0 = time.time()
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   with open(os.path.join(workdir, "plan.txt"), "w") as f:
-    f.write(f"$ {' '.join(cmd[1:])}\n{proc.stdout}")
+    f.write(f"$ python {' '.join(cmd[1:])}\n{proc.stdout}")
   if proc.returncode:
     return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "secs": time.time() - t0}
   with open(os.path.join(workdir, "plan.json")) as f:

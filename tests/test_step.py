@@ -11,6 +11,16 @@ from difflax import state as state_lib
 from difflax import step as step_lib
 
 
+def fresh_step(c):
+  """(initial state, jitted train step) of config `c` on one device."""
+  model = models.build_model(c)
+  opt, sched = state_lib.make_optimizer(c.optim)
+  state = state_lib.init_state(model, opt, c, jax.random.key(0))
+  objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
+  return state, jax.jit(step_lib.make_train_step(model, objective, opt, sched, c,
+                                                 jax.random.key(1)))
+
+
 def test_loss_on_a_fixed_batch_decreases(tiny_config):
   c = tiny_config
   c.optim.update(lr=3e-3, warmup_steps=1)
@@ -92,11 +102,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_config):
   runs = {}
   for dtype in ("float32", "bfloat16"):
     c.model.dtype = dtype
-    model = models.build_model(c)
-    opt, sched = state_lib.make_optimizer(c.optim)
-    state = state_lib.init_state(model, opt, c, jax.random.key(0))
-    objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
-    step = jax.jit(step_lib.make_train_step(model, objective, opt, sched, c, jax.random.key(1)))
+    state, step = fresh_step(c)
     init = jax.device_get(state.params)
     history = []
     for _ in range(8):
@@ -126,11 +132,7 @@ def test_remat_changes_memory_not_math(tiny_config):
   runs = {}
   for remat in ("none", "dots", "full"):
     c.model.remat = remat
-    model = models.build_model(c)
-    opt, sched = state_lib.make_optimizer(c.optim)
-    state = state_lib.init_state(model, opt, c, jax.random.key(0))
-    objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
-    step = jax.jit(step_lib.make_train_step(model, objective, opt, sched, c, jax.random.key(1)))
+    state, step = fresh_step(c)
     jaxpr = str(jax.make_jaxpr(step)(state, batch))  # The blocks are rematerialised:
     assert bool(re.search(r"\b(remat\d*|checkpoint)\[", jaxpr)) == (remat != "none"), remat
     metrics = []
