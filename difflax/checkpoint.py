@@ -113,10 +113,18 @@ def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
 
 @functools.cache
 def _register_array_handler() -> None:
-  """Once per process: orbax's `jax.Array` handler with the replica-parallel threshold above."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+  """Once per process: orbax's `jax.Array` handler with the replica-parallel threshold above.
+  Replacing the default is the point, so orbax's "overriding jax.Array" warning (printed by
+  every run) is filtered out."""
+  quiet = lambda record: "overriding" not in record.getMessage()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass

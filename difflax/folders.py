@@ -5,6 +5,7 @@ cache_dir="")` -> `(images: uint8 [N, R, R, C] (an `np.memmap`), labels: int32 [
 paths: [N] each row's file relative to root)`. `held_out(paths, fraction)` -> bool [N]: the rows
 of the held-out (eval) split, chosen by a hash of each relative path, so a file stays in its
 split when others are added or removed, on every machine; `split_rows` the row indices of one.
+`balanced_draw(labels, num, seed)`: a seeded draw of rows spread evenly over the classes.
   Layout: class subfolders of `root` become labels in sorted name order (`classes`); images
   directly in a flat folder get label 0 (`classes == []`). `root` may end in a slash or be a
   symlink; symlinked subfolders are followed; hidden files and non-image files are ignored.
@@ -204,3 +205,17 @@ def held_out(paths, fraction: float) -> np.ndarray:
   u = np.array([int(hashlib.sha1(p.replace(os.sep, "/").encode()).hexdigest()[:15], 16)
                 for p in paths], np.float64) / 16 ** 15
   return u < fraction
+
+
+def balanced_draw(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
+  """`min(num, N)` distinct indices into labels [N], drawn at random and as evenly over the label
+  values as the data allow (round robin over the classes in a random order): real and reference
+  sets that stand for the whole dataset, whatever order its files are in."""
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(labels))
+  lab = np.asarray(labels)[order]
+  rank = np.zeros(len(lab), np.int64)
+  for c in np.unique(lab):
+    at = lab == c
+    rank[at] = np.arange(at.sum())
+  return order[np.lexsort((rng.random(len(lab)), rank))[:num]]

@@ -1,22 +1,20 @@
-"""Command-line entry point: flags only.
+"""difflax: train, sample, evaluate and plan diffusion models from a config.
 
-  python -m difflax.main --config=cascade_32_64[:preset] --workdir=DIR \
-      [--mode=train|sample|eval|sweep|plan|train,sample,...] [--config.block.key=value ...]
-  python -m difflax.main --mode=plan --config=cascade_32_64:paper --topology=v5e:16x16 \
-      --workdir=runs/plan            # does it fit a slice, and how fast? (no TPU needed)
+  python -m difflax.main --config=NAME[:presets] --workdir=DIR [--mode=MODE] [--config.a.b=V]
 
-`--config` is a packaged config's name (an unknown name lists them) or a path to any
-`get_config(arg)` file (`configs/ddpm_cifar10.py` in a clone); `--config.a.b=value` overrides an
-existing field, parsed to its type. Mistakes a user makes daily (an unknown key or preset, a
-dataset that is not on disk, a checkpoint of another architecture, an unreadable image, missing
-weights) print one line saying what to do and exit with status 2, without a traceback.
-Multi-process launches (TPU pods, SLURM, explicit JAX_COORDINATOR_ADDRESS) call
-`jax.distributed.initialize()` before anything touches devices.
+  --config=cascade_32_64            a packaged config (--list_configs), or configs/x.py, with
+                                    ':tiny', ':paper', ':folder=/your/images', ... after it
+  --mode=train,sample               train | sample | eval | sweep | plan, several in order
+  --config.optim.lr=3e-4            override any field (--print_config shows them all)
+  --dry_run                         check config, data and workdir, build nothing
+  --mode=plan --topology=v5e:16x16  compile for a TPU slice: memory, FLOPs, a verdict
+
+Mistakes print one line saying what to do and exit with status 2; --helpfull lists every
+library's flags.
 """
 import os
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -50,7 +48,12 @@ flags.DEFINE_float("hbm_gib", 0.0, "--mode=plan: memory per device in GiB (0: th
 flags.DEFINE_string("compilation_cache", "~/.cache/difflax/jax",
                     "Persistent XLA compilation cache ('' disables); reruns and resumes skip "
                     "most of the compile.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_bool("list_configs", False, "List the packaged configs and their presets, then "
+                  "exit.")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (presets and overrides "
+                  "applied) as JSON, then exit.")
+flags.DEFINE_bool("dry_run", False, "Check the config, its data source and the workdir, then "
+                  "exit without building or writing anything.")
 FLAGS = flags.FLAGS
 
 # What a user can fix without reading code: one line and exit status 2.
@@ -61,9 +64,23 @@ USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.Datas
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv  # cli.parse_flags refused anything that is not a flag.
+  if FLAGS.list_configs:
+    print(cli.list_configs())
+    return
   config = cli.load_config()
+  if FLAGS.print_config:
+    print(config.to_json_best_effort(indent=2))
+    return
+  if not FLAGS.workdir:
+    cli.fail("missing --workdir: the directory for this run's checkpoints, metrics and samples "
+             "(e.g. --workdir=runs/ddpm); rerunning with the same one resumes.")
+  if FLAGS.dry_run:
+    try:
+      print(train.check(config, FLAGS.workdir, FLAGS.mode))
+    except USER_ERRORS as e:
+      cli.fail(" ".join(str(e).split("\n")))
+    return
   if FLAGS.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
   logging.set_verbosity(logging.INFO)

@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from difflax import cascade
 from difflax import config as config_lib

@@ -273,8 +273,40 @@ def run(config, workdir: str, mode: str = "train", plan_options: dict | None = N
   return _run_one(config, workdir, modes[0], plan_options)
 
 
+def stage_configs(config) -> dict:
+  """{stage name: config} of a cascade, or {"model": config}."""
+  if cascade.is_cascade(config):
+    return {n: cascade.stage_config(config, n) for n in cascade.stage_names(config)}
+  return {"model": config}
+
+
+def check(config, workdir: str, mode: str = "train") -> str:
+  """`--dry_run`: the modes, the config and every stage's data source checked (what the first
+  batch would find wrong raises here), the workdir creatable; nothing built or written.
+  Returns a summary."""
+  modes = parse_modes(mode)
+  config_lib.validate(config)
+  lines = [f"OK: --mode={','.join(modes)} --workdir={workdir}"]
+  if "plan" not in modes or len(modes) > 1:
+    for name, c in stage_configs(config).items():
+      lines.append(f"  {name}: {c.data.resolution}x{c.data.resolution}, "
+                   f"{data_lib.check_source(c.data)}")
+  path = fileio.path(workdir)
+  if not fileio.is_url(workdir):
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(parent, os.W_OK):
+      raise FileNotFoundError(f"--workdir={workdir}: {parent} is not writable.")
+    state = "exists (a run resumes from its checkpoints)" if path.exists() else "new"
+    lines.append(f"  workdir: {state}")
+  return "\n".join(lines)
+
+
 def _run_one(config, workdir: str, mode: str, plan_options: dict | None = None) -> dict:
-  """Records the config as workdir/config.json (train) and runs one mode."""
+  """Records the config as workdir/config.json (train) and runs one mode; a data source that
+  cannot serve the config fails before anything is written."""
+  if mode in ("train", "sample", "eval"):
+    for c in stage_configs(config).values():
+      data_lib.check_source(c.data)
   fileio.path(workdir).mkdir(parents=True, exist_ok=True)
   if mode == "plan":  # Every stage of a cascade / growth level: plan.py walks them itself.
     result = plan_lib.plan(config, workdir, **(plan_options or {}))
