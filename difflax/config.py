@@ -191,6 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
       preview_sampler="ddpm",  # Ancestral sampling is cleaner than few-step DDIM early on.
       preview_steps="100",
       eval_every=0,         # Evals (config.eval: bits/dim, quick FD/KID) every N steps; 0 = off.
+      stop_check_every=20,  # SIGTERM agreed every N steps (train.StopOnSignal's fallback).
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -382,8 +383,9 @@ def validate(c: Any) -> None:
     for name in cascade.stage_names(c):
       validate(cascade.stage_config(c, name))
     return
-  try:
+  try:  # The owning modules' own checks.
     models.validate(c.model)
+    losses.validate(c.loss, c.diffusion.type)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if c.diffusion.var_type not in diffusion.VAR_TYPES:
@@ -437,10 +439,6 @@ def validate(c: Any) -> None:
                       "config.sample.surrogate_t_mid, which must lie in [0, "
                       f"num_timesteps={c.diffusion.num_timesteps}] (got "
                       f"{c.sample.surrogate_t_mid}, diffusion.type={c.diffusion.type!r}).")
-  try:
-    losses.validate(c.loss, c.diffusion.type)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:
     raise ConfigError(f"config.optim.grad_accum={c.optim.grad_accum} must be >= 1 and divide "
                       f"config.data.batch_size={c.data.batch_size}.")

@@ -8,7 +8,9 @@ when they are at least `fsdp_min_size` elements and their path does not match `F
 device) (`state_shardings`).
 Host-local numpy batches become global arrays with `host_to_global`; `map_batches` runs a
 function (feature networks) over a host array in mesh-sharded batches and gathers the result on
-every process. Multi-process helpers: `any_process` (a stop flag agreed after each step),
+every process. Multi-process helpers: `resolve_distributed` / `maybe_initialize_distributed` (whether and how
+to call `jax.distributed.initialize`: explicit settings or a cluster environment JAX detects),
+`preemption_service`, `any_process` (a stop flag agreed across processes),
 `from_process_0` (host-side decisions broadcast), `tree_from_process_0` / `json_from_process_0`
 (arrays / metadata only process 0 computed or read), `barrier` (coordination-service barrier).
 Nothing here depends on the model: the same rules serve 1 CPU, 8 fake devices, a GPU host or a
@@ -22,10 +24,12 @@ import logging
 import os
 import re
 import types
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax._src import clusters as jax_clusters  # JAX's cluster environments (no public name).
+from jax._src import distributed as jax_distributed
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -38,36 +42,66 @@ BATCH_SPEC = P(AXES)
 FSDP_EXCLUDE = r"norm|bias|label_emb|resampler"
 
 
-def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str = "",
-                                  num_processes: int = 0, process_id: int = -1) -> None:
-  """Calls `jax.distributed.initialize` for multi-process launches, before devices are touched.
+def cluster_environment() -> Optional[tuple[str, int]]:
+  """(name, process count) of the first of JAX's own cluster environments present here (the
+  ones `jax.distributed.initialize()` detects: GCE TPU VM slices through the metadata server,
+  GKE TPU, SLURM, Open MPI, Kubernetes; opt-in ones such as mpi4py left out), or None."""
+  for env in jax_clusters.ClusterEnv._cluster_types:
+    if env.opt_in_only_method:
+      continue
+    try:
+      if env.is_env_present():
+        return env.__name__, int(env.get_process_count())
+    except Exception as e:  # A half-configured environment: not this one.
+      logging.debug("Cluster environment %s: %s", env.__name__, e)
+  return None
 
-  Explicit settings (`coordinator_address` "host:port" of process 0, `num_processes`,
-  `process_id`, as `launch/local.sh` and `launch/slurm.sbatch` pass them) are used as given;
-  without them JAX detects TPU pods, SLURM and Open MPI (and reads JAX_COORDINATOR_ADDRESS). Mode
-  "on" always initialises, "auto" when explicit settings or such a cluster are present, "off"
-  never. CPU processes talk through gloo collectives (what the 127.0.0.1 test bed uses).
+
+def resolve_distributed(mode: str = "auto", coordinator_address: str = "",
+                        num_processes: int = 0, process_id: int = -1,
+                        environ=os.environ) -> Optional[dict]:
+  """The keyword arguments for `jax.distributed.initialize`, or None when it must not be called.
+
+  "off": None. Explicit settings (`coordinator_address` "host:port" of process 0,
+  `num_processes`, `process_id`, as `launch/local.sh` and `launch/slurm.sbatch` pass them) or
+  JAX_COORDINATOR_ADDRESS: those. "auto" otherwise: a cluster environment JAX knows
+  (`cluster_environment`) with more than one process, never a single machine; "on": always
+  (JAX detects the rest). The result names the environment under "cluster" (not an argument).
   """
   if mode == "off":
+    return None
+  explicit = {k: v for k, v, given in (
+      ("coordinator_address", coordinator_address, bool(coordinator_address)),
+      ("num_processes", num_processes, num_processes > 0),
+      ("process_id", process_id, process_id >= 0)) if given}
+  if explicit or environ.get("JAX_COORDINATOR_ADDRESS"):
+    return {**explicit, "cluster": "explicit settings"}
+  found = cluster_environment()
+  if found and found[1] > 1:
+    return {"cluster": f"{found[0]} ({found[1]} processes)"}
+  return {"cluster": "forced (--distributed=on)"} if mode == "on" else None
+
+
+def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str = "",
+                                  num_processes: int = 0, process_id: int = -1) -> None:
+  """Calls `jax.distributed.initialize` when `resolve_distributed` says so, before devices are
+  touched; CPU processes talk through gloo collectives (what the 127.0.0.1 test bed uses)."""
+  args = resolve_distributed(mode, coordinator_address, num_processes, process_id)
+  if args is None:
     return
-  env = os.environ
-  explicit = {}
-  if coordinator_address:
-    explicit["coordinator_address"] = coordinator_address
-  if num_processes > 0:
-    explicit["num_processes"] = num_processes
-  if process_id >= 0:
-    explicit["process_id"] = process_id
-  detected = (explicit or env.get("JAX_COORDINATOR_ADDRESS")
-              or int(env.get("SLURM_NTASKS", "1")) > 1
-              or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if mode == "on" or detected:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**explicit)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+  cluster = args.pop("cluster")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**args)
+  logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", cluster,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def preemption_service() -> bool:
+  """True when JAX's preemption service runs (a multi-process job): its SIGTERM notifier and
+  the coordination service agree on a stop step without a device collective."""
+  return (jax.process_count() > 1 and
+          getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

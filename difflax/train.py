@@ -29,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from difflax import cascade
 from difflax import config as config_lib
@@ -54,12 +55,21 @@ def every(n: int, step: int, final: bool = False) -> bool:
 
 
 class StopOnSignal:
-  """Turns SIGTERM (pod preemption, `kill`) into a flag the loop checks after each step."""
+  """SIGTERM (pod preemption, `kill`) -> every process stops at, and checkpoints, the same step.
 
-  def __init__(self):
-    self.requested, self._previous = False, None
+  One process: a Python handler sets a flag the loop reads after each step. Several processes
+  with JAX's preemption service (the default with `jax.distributed`): its own SIGTERM notifier
+  and the coordination service pick the stop step (`reached_preemption_sync_point`, no device
+  collective, so the host keeps dispatching steps ahead). Otherwise the flag is agreed by an
+  all-gather every `check_every` steps (a per-step one stalls asynchronous dispatch)."""
+
+  def __init__(self, check_every: int = 1):
+    self.requested, self._previous, self.check_every = False, None, max(int(check_every), 1)
+    self.synced = parallel.preemption_service()
 
   def __enter__(self):
+    if self.synced:  # JAX's notifier owns SIGTERM.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
@@ -69,6 +79,18 @@ class StopOnSignal:
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
     self.requested = True
+
+  def __call__(self, step: int, after=None) -> bool:
+    """Whether every process stops after `step` (`after`: the step's outputs, waited for before
+    an all-gather; see `parallel.any_process`)."""
+    if jax.process_count() == 1:
+      return self.requested
+    if self.synced:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+      if stop:
+        logging.warning("Preemption notice: every process stops at step %d.", step)
+      return stop
+    return step % self.check_every == 0 and parallel.any_process(self.requested, after)
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -192,7 +214,7 @@ def train(config, workdir: str) -> dict:
                           if growth.enabled(c) else None)
   pending, plateau_losses, last, stopping = [], [], {}, False
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
-  with StopOnSignal() as stop:
+  with StopOnSignal(t.stop_check_every) as stop:
     while step < t.num_steps and not stopping:
       phase = Phase(exp, batch, step)
       writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
@@ -202,7 +224,7 @@ def train(config, workdir: str) -> dict:
         state, metrics = phase.train_step(state, batch)
         pending.append(metrics)
         report(step)
-        stopping = parallel.any_process(stop.requested, metrics)  # All stop at one step.
+        stopping = stop(step, metrics)  # All processes stop at one step.
         final = step == t.num_steps or stopping
         if every(t.log_every, step, final) or every(t.checkpoint_every, step):
           last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -170,15 +171,22 @@ def test_two_processes_train_and_evaluate_like_one_process_and_the_cli_writes_it
 
 def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically(
     two_process_run, tmp_path):
-  """SIGTERM reaches process 1 only, at a random step k: both processes checkpoint step k and
-  exit 0. Then k's array data are damaged on disk: the relaunch names the checkpoint, resumes
-  from step k - 1 and ends bit-identical to the uninterrupted run."""
+  """SIGTERM reaches process 1 only, at a random step k: JAX's preemption service (its SIGTERM
+  notifier and the coordination service, no per-step collective) makes both processes stop at
+  one step s >= k, checkpoint s and exit 0. Then s's array data are damaged on disk: the
+  relaunch names the checkpoint, resumes from the one before and ends bit-identical to the
+  uninterrupted run."""
   workdir = tmp_path / "run"
-  k = random.choice([3, 5, 7])  # Odd: k is the SIGTERM checkpoint, k - 1 a periodic one.
+  signalled = random.choice([3, 4, 5])
   flags = (*FLAGS, "--config.train.eval_every=0",  # Evals are the first test's business.
            "--config.train.checkpoint_every=2")
-  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, DIFFLAX_TEST_SIGTERM_STEP=str(k))
-  assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
+  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags,
+                  DIFFLAX_TEST_SIGTERM_STEP=str(signalled))
+  stops = [re.findall(r"Preemption notice: every process stops at step (\d+)", log)
+           for log in logs]
+  assert stops[0] == stops[1] and len(stops[0]) == 1, (signalled, stops)
+  k = int(stops[0][0])  # The step the service picked: after the notice, the same everywhere.
+  assert signalled <= k < 8, (signalled, k)
   for log in logs:
     assert f"Stopped at step {k} after SIGTERM" in log, f"k={k}"
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
@@ -194,6 +202,21 @@ def test_sigterm_to_one_process_then_a_damaged_checkpoint_resume_bit_identically
   assert f"checkpoints/{k} is damaged" in logs[0]
   assert os.listdir(workdir / "checkpoints_damaged") == [str(k)]
   assert_trees_equal(restore(workdir), restore(two_process_run[0]))
+
+
+def test_without_the_preemption_service_the_stop_flag_is_agreed_every_n_steps(tmp_path):
+  """JAX's preemption service off: the Python SIGTERM handler's flag is all-gathered every
+  `train.stop_check_every` steps (not after each step), so both processes stop at the first
+  multiple of it at or after the signal, with one checkpoint."""
+  workdir = tmp_path / "run"
+  flags = (*FLAGS, "--config.train.eval_every=0", "--config.train.checkpoint_every=100",
+           "--config.train.stop_check_every=3")
+  logs = local_sh(2, "ddpm_cifar10:tiny", workdir, *flags, DIFFLAX_TEST_SIGTERM_STEP="4",
+                  JAX_ENABLE_PREEMPTION_SERVICE="false")
+  assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
+  for log in logs:
+    assert "Stopped at step 6 after SIGTERM" in log and "Preemption notice" not in log
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
 
 
 # One launch trains both cascade stages, the base one progressively grown twice (2 -> 4 -> 8)

@@ -1,9 +1,15 @@
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
 
 from difflax import data
 from difflax import diffusion as diff_lib
@@ -115,3 +121,30 @@ def test_map_batches_is_sharded_padded_and_equal_to_one_call():
   assert compiled.output_shardings.spec == parallel.BATCH_SPEC  # Each device did its slice.
   with pytest.raises(ValueError, match="at least one"):
     parallel.map_batches(_affine, params, x[:0], mesh)
+
+
+DETECT = ("import json; from difflax import parallel; "
+          "print(json.dumps([parallel.resolve_distributed(m) for m in ('auto', 'off', 'on')]))")
+
+
+def test_distributed_auto_follows_jax_cluster_environments(tmp_path):
+  """--distributed=auto initialises where JAX's own cluster detection finds a multi-process
+  job (SLURM's variables here, resolved without initialising) and never on one machine."""
+  base = {k: v for k, v in os.environ.items()
+          if not k.startswith(("SLURM_", "OMPI_", "TPU_WORKER", "JAX_COORDINATOR"))}
+  slurm = dict(base, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="node[07-08]", SLURM_NTASKS="2",
+               SLURM_PROCID="1", SLURM_LOCALID="0")
+  single = dict(slurm, SLURM_NTASKS="1", SLURM_PROCID="0")
+  out = {}
+  for name, env in (("slurm", slurm), ("single", single), ("none", base)):
+    proc = subprocess.run([sys.executable, "-c", DETECT], env=dict(env, PYTHONPATH=REPO),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["slurm"][0] == {"cluster": "SlurmCluster (2 processes)"}
+  assert out["slurm"][1] is None  # off
+  assert out["single"][0] is None and out["none"][0] is None  # One machine: never.
+  assert out["none"][2] == {"cluster": "forced (--distributed=on)"}
+  assert parallel.resolve_distributed("auto", "127.0.0.1:1234", 2, 0) == {
+      "coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0,
+      "cluster": "explicit settings"}
