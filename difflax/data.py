@@ -5,7 +5,8 @@ Contract: `make_iterator(data_config, mesh, *, seed, start_step=0, split=None)` 
 for a cascade SR stage) of *global* `jax.Array`s sharded over the mesh's batch axes, where B =
 `data_config.batch_size` and each process reads only its own slice; `batch_spec(data_config)`
 gives their shapes and dtypes without reading anything (ahead-of-time compiles), and
-`check_source(data_config)` what would stop the first batch, without decoding anything. The
+`check_source(data_config)` what would stop the first batch, without decoding anything;
+`prefetch(iterator)` builds the next batches on a thread while the current step runs. The
 stream is a pure function of (seed, step): a run restarted at `start_step` sees exactly the
 batches it would have seen, which is what makes resumption bit-identical.
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from typing import Iterator, Optional
 
 import jax
@@ -328,9 +331,44 @@ def batch_spec(config, batch_size: Optional[int] = None) -> dict:
   return spec
 
 
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+  """The items of `iterator`, built up to `size` ahead by a background thread (reading, decoding
+  and the host-to-device transfer of the next global batches overlap the running step); the
+  same items in the same order, and an error in the thread is raised where the item would be."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  done, closed = object(), threading.Event()
+
+  def put(item) -> bool:
+    while not closed.is_set():  # A consumer that stopped early frees the thread.
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def fill():
+    try:
+      for item in iterator:
+        if not put(item):
+          return
+      put(done)
+    except BaseException as e:  # Handed to the consumer, raised there.
+      put(e)
+  threading.Thread(target=fill, daemon=True, name="difflax-prefetch").start()
+  try:
+    while (item := q.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    closed.set()
+
+
 def make_iterator(config, mesh, *, seed: int, start_step: int = 0, split: Optional[str] = None,
-                  batch_size: Optional[int] = None) -> Iterator[dict]:
-  """Global, mesh-sharded batches {'image': [B, H, W, C], 'label': [B]} (see module docstring)."""
-  for batch in host_batches(config, seed=seed, start_step=start_step, split=split,
-                            batch_size=batch_size):
-    yield parallel.host_to_global(batch, mesh)
+                  batch_size: Optional[int] = None, ahead: int = 2) -> Iterator[dict]:
+  """Global, mesh-sharded batches {'image': [B, H, W, C], 'label': [B]} (see module docstring),
+  `ahead` of them built and transferred on a background thread (`prefetch`; 0: none)."""
+  batches = (parallel.host_to_global(b, mesh) for b in host_batches(
+      config, seed=seed, start_step=start_step, split=split, batch_size=batch_size))
+  return prefetch(batches, ahead) if ahead else batches

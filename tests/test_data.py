@@ -3,6 +3,7 @@ import functools
 import numpy as np
 import pytest
 
+from conftest import load_config
 from difflax import data
 from difflax import parallel
 
@@ -158,3 +159,36 @@ def test_tensorflow_is_an_extra_and_its_absence_is_one_line(monkeypatch, tiny_co
   tiny_config.data.name = "cifar10"
   with pytest.raises(data.DatasetNotAvailableError, match=r"\[tfds\] extra \(pip install -e"):
     next(data.host_batches(tiny_config.data, seed=0))
+
+
+def test_prefetch_yields_the_same_batches_and_raises_where_the_item_would_be():
+  mesh = parallel.local_mesh()
+  cfg = load_config("ddpm_cifar10", "tiny").data
+  plain = data.make_iterator(cfg, mesh, seed=3, start_step=5, ahead=0)
+  ahead = data.make_iterator(cfg, mesh, seed=3, start_step=5)  # Two batches ahead.
+  for _ in range(4):
+    a, b = next(plain), next(ahead)
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
+    assert a["image"].sharding == b["image"].sharding
+  ahead.close()
+
+  def broken():
+    yield 1
+    raise ValueError("bad batch")
+  it = data.prefetch(broken())
+  assert next(it) == 1
+  with pytest.raises(ValueError, match="bad batch"):
+    next(it)
+  assert list(data.prefetch(iter(range(5)), size=1)) == [0, 1, 2, 3, 4]
+  # A consumer that stops early lets the thread go (no thread per abandoned iterator).
+  import threading
+  import time
+  it = data.prefetch(iter(range(100)), size=1)
+  next(it)
+  it.close()
+  for _ in range(50):
+    if not [t for t in threading.enumerate() if t.name == "difflax-prefetch"]:
+      break
+    time.sleep(0.1)
+  assert not [t for t in threading.enumerate() if t.name == "difflax-prefetch"]
