@@ -52,23 +52,17 @@ def reference_config(args):
 def train_step_setup(args):
   """(experiment, state, jitted sharded train step with donated state, a random batch) for the
   reference config: the same step `difflax.train` runs."""
-  import jax
   import numpy as np
-  from difflax import experiment, parallel, step as step_lib
+  from difflax import experiment, parallel
   c = reference_config(args)
   s = experiment.setup(c, "/tmp/difflax_bench_unused")
   state = experiment.init_state(s)
-  fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
-                                s.keys["step"])
   r, b = c.data.resolution, c.data.batch_size
   rng = np.random.default_rng(0)
   batch = parallel.host_to_global({
       "image": rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
       "label": np.zeros((b,), np.int32)}, s.mesh)
-  bsh = {"image": s.batch_sharding, "label": s.batch_sharding}
-  step = jax.jit(fn, in_shardings=(s.shardings, bsh),
-                 out_shardings=(s.shardings, parallel.replicated(s.mesh)), donate_argnums=0)
-  return s, state, step, batch
+  return s, state, experiment.jit_train_step(s), batch
 
 
 def time_train_step(step, state, batch, warmup: int, steps: int) -> list[float]:

@@ -49,8 +49,7 @@ def main():
   args = p.parse_args()
   import jax
   import numpy as np
-  from difflax import config as config_lib, data, experiment, losses, models, parallel
-  from difflax import step as step_lib
+  from difflax import config as config_lib, data, experiment, losses, models
 
   runs = {}
   for name in args.variants.split(","):
@@ -59,11 +58,7 @@ def main():
     c = config_lib.load(args.config, overrides)
     s = experiment.setup(c, f"/tmp/difflax_bench_objectives_{name}")
     state = experiment.init_state(s)  # The same seed: the same initial params for every variant.
-    fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, c,
-                                  s.keys["step"])
-    bsh = {"image": s.batch_sharding, "label": s.batch_sharding}
-    step = jax.jit(fn, in_shardings=(s.shardings, bsh),
-                   out_shardings=(s.shardings, parallel.replicated(s.mesh)), donate_argnums=0)
+    step = experiment.jit_train_step(s)
     it = data.make_iterator(c.data, s.mesh, seed=c.seed)
     batch = next(it)
     t0 = time.perf_counter()

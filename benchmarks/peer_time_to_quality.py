@@ -41,15 +41,11 @@ def difflax_run(args, config, target_fd: float | None = None) -> tuple[list[dict
   import jax
   import numpy as np
   from difflax import data as data_lib
-  from difflax import experiment, parallel, sampling, step as step_lib
+  from difflax import experiment, sampling
   from difflax.evaluation import quality
   s = experiment.setup(config, "/tmp/difflax_bench_unused")
   state = experiment.init_state(s)
-  fn = step_lib.make_train_step(s.model, s.objective, s.optimizer, s.lr_schedule, config,
-                                s.keys["step"])
-  bsh = {"image": s.batch_sharding, "label": s.batch_sharding}
-  step_fn = jax.jit(fn, in_shardings=(s.shardings, bsh),
-                    out_shardings=(s.shardings, parallel.replicated(s.mesh)), donate_argnums=0)
+  step_fn = experiment.jit_train_step(s)
   sample_fn = sampling.make_sample_fn(s, "ddim", f"ddim{args.ddim_steps}")
   it = data_lib.make_iterator(config.data, s.mesh, seed=config.seed)
   rows, spent, step, next_eval = [], 0.0, 0, args.eval_every

@@ -1,7 +1,10 @@
 """Checkpoints: an orbax CheckpointManager holding the train state plus JSON metadata, verified.
 
 Contract: `Checkpointer(directory, keep)` saves `(state, meta)` pairs atomically (orbax writes to a
-temporary directory and renames), keeps the newest `keep`, and restores into a given abstract
+temporary directory and renames), asynchronously (`save` returns once the arrays are copied to
+host memory and writes them in a background thread, so the loop trains on while a large state
+goes to a bucket; a killed write leaves only a temporary directory, which is ignored), keeps the
+newest `keep`, and restores into a given abstract
 state (shapes + shardings), so restored arrays land directly in their shards whatever topology
 wrote them. `directory` may be a local path or a URL (`gs://...`); it is passed to orbax as an
 `epath.Path`, never turned into a local folder.
@@ -140,18 +143,19 @@ class _KeepSteps:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items 'state' and 'meta'."""
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     _register_array_handler()
     self.directory = fileio.path(directory)
-    self.verified = _KeepSteps(set())
+    self.verified, self.async_save = _KeepSteps(set()), async_save
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [ocp.checkpoint_managers.LatestN(keep), self.verified])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint (a save in flight is not one until `wait`)."""
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
@@ -164,10 +168,15 @@ class Checkpointer:
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "checksums": sums})),
         force=True)
+    logging.info("Saving checkpoint at step %d to %s%s", step, self.directory,
+                 " (in the background)" if self.async_save else "")
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) is complete on disk."""
     self.manager.wait_until_finished()
-    logging.info("Saved checkpoint at step %d to %s", step, self.directory)
 
   def read_meta(self, step: Optional[int] = None) -> Optional[dict]:
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       return None
@@ -176,6 +185,7 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """(state, meta) of the latest good (or the given) step, placed per `abstract_state`'s
     shardings; damaged checkpoints are reported, set aside and skipped (see module doc)."""
+    self.wait()
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
@@ -232,5 +242,5 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from difflax import checkpoint as ckpt_lib
+from difflax import data as data_lib
 from difflax import diffusion as diff_lib
 from difflax import growth
 from difflax import losses
@@ -107,7 +108,8 @@ def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = Non
   model = models.build_model(config, growth_state)
   ncsn = diffusion = None
   if config.diffusion.type == "ncsn":
-    ncsn = noise_scales.from_config(config)
+    ncsn = noise_scales.from_config(
+        config, lambda n: data_lib.sample_array(config.data, n, config.seed))
     logging.info("NCSN noise scales: sigma %.4g -> %.4g, L=%d, ratio %.5f (coverage %.3f), "
                  "step size %.3g", ncsn["sigmas"][0], ncsn["sigmas"][-1], len(ncsn["sigmas"]),
                  ncsn["ratio"], ncsn["coverage"], ncsn["step_size"])
@@ -125,16 +127,21 @@ def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = Non
                     lr_schedule, init_fn, abstract, shardings, keys, growth_state, checkpointer)
 
 
-def compile_train_step(exp: Experiment, batch: dict):
-  """`step.make_train_step` of `exp`'s architecture, jitted with the state's shardings (donated),
-  the batch sharded over the mesh's batch axes and replicated metrics, and compiled ahead of time
-  for `batch` (arrays or `jax.ShapeDtypeStruct`s: the compile needs shapes only)."""
+def jit_train_step(exp: Experiment):
+  """`step.make_train_step` of `exp`'s architecture under `jax.jit` with the state's shardings
+  (donated), every batch leaf sharded over the mesh's batch axes and replicated metrics: the one
+  train step the loop, the plan, the tests and the benchmarks run."""
   fn = step_lib.make_train_step(exp.model, exp.objective, exp.optimizer, exp.lr_schedule,
                                 exp.config, exp.keys["step"], exp.growth_state)
-  batch_shardings = jax.tree_util.tree_map(lambda _: exp.batch_sharding, batch)
-  return jax.jit(fn, in_shardings=(exp.shardings, batch_shardings),
+  return jax.jit(fn, in_shardings=(exp.shardings, exp.batch_sharding),
                  out_shardings=(exp.shardings, parallel.replicated(exp.mesh)),
-                 donate_argnums=(0,)).lower(exp.abstract_state, batch).compile()
+                 donate_argnums=(0,))
+
+
+def compile_train_step(exp: Experiment, batch: dict):
+  """`jit_train_step(exp)` compiled ahead of time for `batch` (arrays or
+  `jax.ShapeDtypeStruct`s: the compile needs shapes only)."""
+  return jit_train_step(exp).lower(exp.abstract_state, batch).compile()
 
 
 def init_state(exp: Experiment):

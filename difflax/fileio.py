@@ -18,6 +18,7 @@ append).
   `allow_pickle=False`); `meta["weights_hash"]` is `trees.content_hash(params)`, set on save and
   verified on load, so a corrupt or edited file is refused by name. The quick feature network and
   the Inception weights share this format.
+  `save_png(p, image)`: a uint8 grid as PNG, upscaled to stay viewable.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from difflax import images
 from difflax import trees
 
 META_KEY = "__meta__"
@@ -151,3 +153,9 @@ def load_weights(p: str) -> tuple[dict, dict]:
   meta["weights_hash"] = h
   return params, meta
 
+
+def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
+  """Writes a uint8 [H, W, C] image atomically, nearest-upscaled by an integer factor to
+  >= min_width px so grids of small images stay viewable."""
+  factor = max(1, -(-min_width // image.shape[1]))
+  return atomic_write(path, images.png_bytes(images.nearest_upsample(image[None], factor)[0]))

@@ -6,9 +6,10 @@ variants of a dataset are made) and `nearest_upsample(x, factor) -> [B, H*f, W*f
 numpy or jax arrays alike (einops), the one implementation the data pipeline, growth views, the
 UNet and previews share; `make_grid(images, ncol)` tiles uint8 [B, H, W, C] into one
 [rows*(H+pad), ncol*(W+pad), C] image; `make_pair_grid(low, high)` shows each super-resolution
-sample next to its low-res input; `save_png(path, image)` writes atomically (single-channel grids
-as grey, small grids upscaled). `figure(**kw)` is a matplotlib Figure for plots written to files,
-or None when matplotlib (the `plots` extra) is not installed. Nothing here touches devices.
+sample next to its low-res input; `png_bytes(image)` encodes one (single-channel as grey;
+`fileio.save_png` writes it). `figure(**kw)` is a matplotlib Figure for plots written to files,
+or None when matplotlib (the `plots` extra) is not installed. Nothing here touches devices or
+files.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import math
 import einops
 import numpy as np
 
-from difflax import fileio
 
 
 def to_uint8(x) -> np.ndarray:
@@ -70,13 +70,6 @@ def png_bytes(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
   return buf.getvalue()
-
-
-def save_png(path: str, image: np.ndarray, min_width: int = 256) -> str:
-  """Writes a uint8 [H, W, C] image, nearest-upscaled by an integer factor to >= min_width px so
-  grids of small images stay viewable."""
-  factor = max(1, -(-min_width // image.shape[1]))
-  return fileio.atomic_write(path, png_bytes(nearest_upsample(image[None], factor)[0]))
 
 
 def center_crop_resize(image, resolution: int, channels: int | None = None):

@@ -26,7 +26,6 @@ import numpy as np
 from scipy import optimize
 from scipy import stats
 
-from difflax import data as data_lib
 
 
 def initial_sigma(data, chunk_size: int = 1024) -> float:
@@ -122,15 +121,20 @@ def recommend(data, sigma_last: float = 0.01, steps_per_scale: int = 5,
           "eq4_ratio": langevin_ratio(eps, ratio, sigma_last, steps_per_scale)}
 
 
-def from_config(config) -> dict:
+def from_config(config, sample_data=None) -> dict:
   """The noise configuration of an NCSN config: fields of `config.ncsn` that are 0 are computed
-  from `config.data` by Techniques 1, 2 and 4. Returns {"sigmas": [L], "step_size", "ratio",
-  "coverage", "dim"}; deterministic, so every process and every resumption agree."""
+  by Techniques 1, 2 and 4, Technique 1 from `sample_data(n)`, a function returning n training
+  images [n, H, W, C] in [-1, 1] (called only when `ncsn.sigma_first` is 0; the caller owns the
+  data, this module stays pure). Returns {"sigmas": [L], "step_size", "ratio", "coverage", "dim"};
+  deterministic given the sample, so every process and every resumption agree."""
   n, d = config.ncsn, config.data
   dim = d.resolution * d.resolution * d.channels
   sigma_first = n.sigma_first
   if sigma_first <= 0:
-    sigma_first = initial_sigma(data_lib.sample_array(d, n.stat_examples, config.seed))
+    if sample_data is None:
+      raise ValueError("config.ncsn.sigma_first=0 asks for Technique 1 from the training data; "
+                       "pass sample_data or set config.ncsn.sigma_first.")
+    sigma_first = initial_sigma(sample_data(n.stat_examples))
   num = n.num_scales if n.num_scales > 0 else num_noise_scales(dim, sigma_first, n.sigma_last,
                                                                n.coverage)
   sigmas = geometric_sigmas(sigma_first, n.sigma_last, num)
@@ -148,8 +152,9 @@ def main(argv):
   import json
   from difflax import cli
   del argv
+  from difflax import data as data_lib
   cfg = cli.load_config()
-  design = from_config(cfg)
+  design = from_config(cfg, lambda n: data_lib.sample_array(cfg.data, n, cfg.seed))
   sigmas = design["sigmas"]
   n = cfg.ncsn
   out = {"dim": design["dim"], "sigma_first": float(sigmas[0]), "sigma_last": float(sigmas[-1]),

@@ -116,13 +116,13 @@ def sample(config, workdir: str) -> dict:
     result["quality"] = quality.report(last.config, outs[-1], last.exp.mesh, "pipeline samples")
   if jax.process_index() == 0:
     final = images_lib.to_uint8(outs[-1])
-    result["png"] = images_lib.save_png(os.path.join(out_dir, "final.png"),
+    result["png"] = fileio.save_png(os.path.join(out_dir, "final.png"),
                                         images_lib.make_grid(final))
     fileio.save_npz(os.path.join(out_dir, "final.npz"), images=final)
-    images_lib.save_png(os.path.join(out_dir, f"{stages[0].name}.png"),
+    fileio.save_png(os.path.join(out_dir, f"{stages[0].name}.png"),
                         images_lib.make_grid(images_lib.to_uint8(outs[0])))
     for st, out, cond in zip(stages[1:], outs[1:], conds[1:]):
-      images_lib.save_png(os.path.join(out_dir, f"{st.name}.png"),
+      fileio.save_png(os.path.join(out_dir, f"{st.name}.png"),
                           images_lib.make_pair_grid(np.asarray(cond["low_res"]), out))
   for st in stages:
     st.exp.close()

@@ -285,7 +285,7 @@ def sample(config, workdir: str) -> dict:
   if config.eval.quality_line:
     result["quality"] = quality.report(config, imgs, exp.mesh, "samples")
   if jax.process_index() == 0:
-    result["png"] = images_lib.save_png(os.path.join(out_dir, tag + ".png"),
+    result["png"] = fileio.save_png(os.path.join(out_dir, tag + ".png"),
                                         images_lib.make_grid(imgs[:256]))
     result["npz"] = fileio.save_npz(os.path.join(out_dir, tag + ".npz"), images=imgs,
                                     labels=labels)

@@ -147,7 +147,7 @@ def write_grid(exp: experiment.Experiment, imgs, cond, step: int, writer) -> Non
   grid = (images_lib.make_pair_grid(cond["low_res"], imgs) if cond and "low_res" in cond
           else images_lib.make_grid(imgs))
   if jax.process_index() == 0:
-    images_lib.save_png(os.path.join(exp.workdir, "samples", f"step_{step:06d}.png"), grid)
+    fileio.save_png(os.path.join(exp.workdir, "samples", f"step_{step:06d}.png"), grid)
   writer.write_images(step, {"samples": grid[None]})
 
 
@@ -214,54 +214,58 @@ def train(config, workdir: str) -> dict:
                           if growth.enabled(c) else None)
   pending, plateau_losses, last, stopping = [], [], {}, False
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
-  with StopOnSignal(t.stop_check_every) as stop:
-    while step < t.num_steps and not stopping:
-      phase = Phase(exp, batch, step)
-      writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
-      for step in range(step + 1, t.num_steps + 1):
-        if step > start + 1:
-          batch = next(it)
-        state, metrics = phase.train_step(state, batch)
-        pending.append(metrics)
-        report(step)
-        stopping = stop(step, metrics)  # All processes stop at one step.
-        final = step == t.num_steps or stopping
-        if every(t.log_every, step, final) or every(t.checkpoint_every, step):
-          last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-          check_finite(last, "training metrics", step, workdir)
-          writer.write_scalars(step, last)
-          pending = []
-        # ---- Progressive growth: plateau trigger, then a new architecture by surgery.
-        if growth.enabled(c):
-          plateau_losses.append(metrics["loss"])
-          plateaued = False
-          if c.growth.trigger == "plateau" and every(c.growth.plateau_every, step):
-            value = (phase.evaluate(state, step, writer, meta())["quick_fd"]
-                     if c.growth.plateau_metric == "quick_fd"
-                     else float(np.mean(jax.device_get(plateau_losses))))
-            plateaued, plateau_losses = plateau.update(value), []
-          new_gs = growth.next_state(c, exp.growth_state, step, plateaued)
-          if new_gs != exp.growth_state:
-            exp, state = grow(exp, state, new_gs)
-            plateau.reset()
-            exp.checkpointer.save(step, state, meta())
-            pending = []  # Metrics of the old architecture were logged or are dropped here.
-            break  # Re-jit for the new architecture.
-        # ---- Checkpoint, preview, eval.
-        with report.timed("periodic"):
-          if final or every(t.checkpoint_every, step):
-            exp.checkpointer.save(step, state, meta())
-          # The quality line samples the final step anyway: its first samples are that grid.
-          quality_next = final and not stopping and c.eval.quality_line
-          if (phase.preview_fn is not None and every(t.preview_every, step, final)
-              and not quality_next):
-            phase.preview(state, step, writer)
-          if phase.evaluator is not None and every(t.eval_every, step, final):
-            phase.evaluate(state, step, writer, meta())
-        if stopping:
-          logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
-                          step)
-          break
+  try:
+    with StopOnSignal(t.stop_check_every) as stop:
+      while step < t.num_steps and not stopping:
+        phase = Phase(exp, batch, step)
+        writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
+        for step in range(step + 1, t.num_steps + 1):
+          if step > start + 1:
+            batch = next(it)
+          state, metrics = phase.train_step(state, batch)
+          pending.append(metrics)
+          report(step)
+          stopping = stop(step, metrics)  # All processes stop at one step.
+          final = step == t.num_steps or stopping
+          if every(t.log_every, step, final) or every(t.checkpoint_every, step):
+            last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+            check_finite(last, "training metrics", step, workdir)
+            writer.write_scalars(step, last)
+            pending = []
+          # ---- Progressive growth: plateau trigger, then a new architecture by surgery.
+          if growth.enabled(c):
+            plateau_losses.append(metrics["loss"])
+            plateaued = False
+            if c.growth.trigger == "plateau" and every(c.growth.plateau_every, step):
+              value = (phase.evaluate(state, step, writer, meta())["quick_fd"]
+                       if c.growth.plateau_metric == "quick_fd"
+                       else float(np.mean(jax.device_get(plateau_losses))))
+              plateaued, plateau_losses = plateau.update(value), []
+            new_gs = growth.next_state(c, exp.growth_state, step, plateaued)
+            if new_gs != exp.growth_state:
+              exp, state = grow(exp, state, new_gs)
+              plateau.reset()
+              exp.checkpointer.save(step, state, meta())
+              pending = []  # Metrics of the old architecture were logged or are dropped here.
+              break  # Re-jit for the new architecture.
+          # ---- Checkpoint, preview, eval.
+          with report.timed("periodic"):
+            if final or every(t.checkpoint_every, step):
+              exp.checkpointer.save(step, state, meta())
+            # The quality line samples the final step anyway: its first samples are that grid.
+            quality_next = final and not stopping and c.eval.quality_line
+            if (phase.preview_fn is not None and every(t.preview_every, step, final)
+                and not quality_next):
+              phase.preview(state, step, writer)
+            if phase.evaluator is not None and every(t.eval_every, step, final):
+              phase.evaluate(state, step, writer, meta())
+          if stopping:
+            logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
+                            step)
+            break
+  except BaseException:
+    exp.close()  # A save in flight finishes: the newest checkpoint on disk stays whole.
+    raise
   out = {"step": int(jax.device_get(state.step)), "compile_secs": phase.compile_secs, **last}
   if c.eval.quality_line and not stopping:
     # A growth at the last step leaves `phase` on the old architecture: sample the grown one.

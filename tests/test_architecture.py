@@ -9,11 +9,26 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # Pure math (DESIGN.md's layers): may import each other and leaf helpers, never what runs a loop.
 PURE = ("schedules", "noise_scales", "diffusion", "losses", "samplers", "cascade", "growth",
         "evaluation.metrics", "trees", "images")
-ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main")
+# What runs a loop, or touches devices, files or the network: never reachable from pure math.
+ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main",
+                 "data", "parallel", "fileio", "checkpoint", "writers", "folders", "sources",
+                 "plan", "cli", "plots", "evaluation.features", "evaluation.inception")
 
 
-def import_graph(pkg_dir=PKG):
-  """{module: {imported difflax modules}} from every import statement (any depth in the file)."""
+def _imports(tree):
+  """Every import node of a module at any depth, except inside its command-line entry point (a
+  top-level `def main` or `if __name__ == "__main__":`, which only `python -m` runs)."""
+  for node in tree.body:
+    if isinstance(node, ast.FunctionDef) and node.name == "main":
+      continue
+    if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+      continue
+    yield from (n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
+def import_graph(pkg_dir=PKG, entry_points=False):
+  """{module: {imported difflax modules}} from every import statement (any depth in the file;
+  entry points too when `entry_points`)."""
   mods = {}
   for d, _, files in os.walk(pkg_dir):
     for f in files:
@@ -22,7 +37,8 @@ def import_graph(pkg_dir=PKG):
         mods[rel.replace(os.sep, ".").removesuffix(".__init__")] = os.path.join(d, f)
   graph = {m: set() for m in mods}
   for m, path in mods.items():
-    for node in ast.walk(ast.parse(open(path).read())):
+    tree = ast.parse(open(path).read())
+    for node in (ast.walk(tree) if entry_points else _imports(tree)):
       names = []
       if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
@@ -55,7 +71,7 @@ def find_cycle(graph):
 
 
 def test_no_import_cycle():
-  graph, _ = import_graph()
+  graph, _ = import_graph(entry_points=True)
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -69,19 +85,38 @@ def test_cycle_finder_finds_a_planted_cycle(tmp_path):
   assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_import_no_orchestration(module):
-  graph, _ = import_graph()
-
+def reaches(graph, module, prefix="difflax."):
+  """The forbidden (ORCHESTRATION) modules `module` imports, directly or through others."""
   def reach(m, seen):
     for n in graph[m]:
       if n not in seen:
         seen.add(n)
         reach(n, seen)
     return seen
-  bad = sorted(n for n in reach("difflax." + module, set())
-               if n.removeprefix("difflax.") in ORCHESTRATION)
+  return sorted(n for n in reach(prefix + module, set())
+                if n.removeprefix(prefix) in ORCHESTRATION)
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_orchestration(module):
+  graph, _ = import_graph()
+  bad = reaches(graph, module)
   assert not bad, f"difflax.{module} reaches {bad}"
+
+
+def test_layering_check_finds_a_planted_violation(tmp_path):
+  """A pure module reaching `data` through a helper is found; its CLI entry point is exempt."""
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "data.py").write_text("")
+  (pkg / "helper.py").write_text("def f():\n  from pkg import data\n")
+  (pkg / "schedules.py").write_text("from pkg import helper\n")
+  (pkg / "losses.py").write_text("def main():\n  from pkg import data\n"
+                                 "if __name__ == '__main__':\n  import pkg.data\n")
+  graph, _ = import_graph(str(pkg))
+  assert reaches(graph, "schedules", "pkg.") == ["pkg.data"]
+  assert reaches(graph, "losses", "pkg.") == []
 
 
 def test_no_module_over_450_lines():

@@ -27,6 +27,8 @@ SCRIPTS = {
     "objectives.py": ["--config=dgm_cifar10:tiny", "--steps=3", "--chunk=3", "--skip=0",
                       "--variants=simple,iwdiff_k2+importance"],
     "plan_papers.py": ["--tiny"],
+    "checkpoint_stall.py": TINY_UNET + ["--saves=1", "--steps-after=1"],
+    "multihost_step.py": ["--steps=2", "--batch-size=8"],
 }
 
 

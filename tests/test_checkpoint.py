@@ -26,6 +26,7 @@ def abstract(state):
 def save(ckpt, step, value=1.0):
   state = make_state(step, value)
   ckpt.save(step, state, {"step": step, "param_shapes": ckpt_lib.param_shapes(state.params)})
+  ckpt.wait()  # Saves are asynchronous; these tests read the files.
 
 
 def edit_meta(directory, step, fn):
@@ -96,3 +97,42 @@ def test_non_finite_state_is_never_saved(tmp_path):
   with pytest.raises(FloatingPointError, match="params/dense/kernel"):
     save(ckpt, 1, value=float("inf"))
   assert ckpt.latest_step() is None
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+import jax.numpy as jnp
+from difflax import checkpoint as ckpt_lib, state as state_lib
+def make(step):
+  params = {"w": jnp.arange(1 << 23, dtype=jnp.float32) * step}
+  return state_lib.TrainState(step=jnp.int32(step), params=params, ema_params=params,
+                              opt_state=())
+ckpt = ckpt_lib.Checkpointer(sys.argv[1])
+for step in (1, 2):
+  ckpt.save(step, make(step), {"step": step, "param_shapes": {"w": [1 << 23]}})
+  if step == 1:
+    ckpt.wait()
+print("in flight:", ckpt.manager.is_saving_in_progress(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+  """SIGKILL while step 2's 64 MB are being written in the background: step 2 never becomes a
+  checkpoint, and step 1 restores bit-identically."""
+  import subprocess
+  import sys
+  d = str(tmp_path / "checkpoints")
+  proc = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, d], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == -9 and "in flight: True" in proc.stdout, proc.stderr[-2000:]
+  ckpt = ckpt_lib.Checkpointer(d)
+  assert ckpt.latest_step() == 1
+  like = {"w": jax.ShapeDtypeStruct((1 << 23,), jnp.float32)}
+  state, meta = ckpt.restore(state_lib.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=like, ema_params=like, opt_state=()))
+  assert meta["step"] == 1 and int(state.step) == 1
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.arange(1 << 23, dtype=np.float32))
+  ckpt.save(2, state, {"step": 2, "param_shapes": {"w": [1 << 23]}})  # The run goes on.
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(d).latest_step() == 2

@@ -11,8 +11,7 @@ import pytest
 from conftest import load_config
 from difflax import data as data_lib
 from difflax import experiment
-from difflax import growth, models, train
-from difflax import step as step_lib
+from difflax import growth, models, parallel, train
 
 
 def test_fade_weight_follows_eq_13_linear_and_abrupt():
@@ -98,10 +97,9 @@ def test_optimizer_and_ema_state_survive_growth(tmp_path):
                                 fresh.params["in_16"]["kernel"])  # New: EMA starts at init.
   # The step after a growth restarts the EMA's warm-up: decay (1 + 0) / (10 + 0) = 0.1, not
   # min(0.995, (1 + 5) / (10 + 5)) = 0.4 from the run's step count.
-  train_step = step_lib.make_train_step(s1.model, s1.objective, s1.optimizer, s1.lr_schedule, c,
-                                        s1.keys["step"], s1.growth_state)
   batch = next(data_lib.host_batches(c.data, seed=0))
-  stepped, _ = jax.jit(train_step)(grown, {k: jnp.asarray(v) for k, v in batch.items()})
+  stepped, _ = experiment.jit_train_step(s1)(  # It donates its state: step a copy.
+      jax.tree_util.tree_map(jnp.copy, grown), parallel.host_to_global(batch, s1.mesh))
   for path in (("mid_res_0", "conv_0", "kernel"), ("in_16", "kernel")):
     get = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
     np.testing.assert_allclose(get(stepped.ema_params),
