@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
       background=(255, 255, 255),  # Folder datasets: RGB that transparent pixels become.
       cache_dir="",         # Folder decode cache ("" = ~/.cache/difflax/folders).
       eval_fraction=0.05,   # Folders: held out as eval_split, by a hash of each file's path.
-      num_examples=4096,    # Size of the embedded dataset.
+      num_examples=4096,    # Size of the embedded dataset; its style "plain" or "textured":
+      embedded_style="plain",  # big shapes on flat backgrounds, or small ones on patterns.
       shuffle_buffer=10_000,
       low_res=0,            # >0: batches also carry `low_res` (box-downsampled; cascade SR).
   ))

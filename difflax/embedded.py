@@ -1,8 +1,12 @@
-"""The embedded offline dataset: procedural coloured shapes on textured backgrounds (pure numpy).
+"""The embedded offline dataset: procedural coloured shapes (pure numpy), in two styles.
 
-Contract: `embedded_dataset(num_examples, resolution, num_classes=10, seed=0, split="train")` ->
-(images uint8 [N, R, R, 3], labels int32 [N]), deterministic per (seed, split), the "test" and
-"validation" splits drawn from disjoint seeds. Each example is a set of continuous parameters
+Contract: `embedded_dataset(num_examples, resolution, num_classes=10, seed=0, split="train",
+style="plain")` -> (images uint8 [N, R, R, 3], labels int32 [N]), deterministic per (seed, split,
+style), the "test" and "validation" splits drawn from disjoint seeds, classes balanced (label =
+index mod num_classes). `STYLES`: "plain" (the default: one large bright shape filling about
+half the frame on a flat, dark, muted background: what a small model learns to draw in minutes
+on a CPU) and "textured" (smaller shapes anywhere in the frame on striped / checked / gradient
+backgrounds: the harder original). Each example is a set of continuous parameters
 (`embedded_params`) rendered analytically (`render_embedded`, area-averaged supersampling), so
 any resolution can be rendered and low- and high-resolution views of an example agree (what
 cascade stages rely on). `SHAPES` are the classes; `MAX_TILT` the most a shape is rotated.
@@ -15,6 +19,7 @@ import os
 
 import numpy as np
 
+STYLES = ("plain", "textured")
 SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross", "hbar", "vbar", "half_disc",
           "star")
 # Shapes stand upright, tilted by at most 15 degrees: under any rotation an hbar and a vbar are
@@ -56,13 +61,27 @@ def _hsv_to_rgb(h, s, v):
   return np.stack([np.choose(i, [row[c] for row in table]) for c in range(3)], axis=-1)
 
 
-def embedded_params(num_examples: int, num_classes: int = 10, seed: int = 0) -> dict:
+def embedded_params(num_examples: int, num_classes: int = 10, seed: int = 0,
+                    style: str = "plain") -> dict:
   """Continuous per-example scene parameters; rendering them is `render_embedded`."""
   if not 1 <= num_classes <= len(SHAPES):
     raise ValueError(f"The embedded dataset has at most {len(SHAPES)} classes, asked for "
                      f"{num_classes}.")
+  if style not in STYLES:
+    raise ValueError(f"Unknown embedded style {style!r}; valid: {', '.join(STYLES)}.")
   rng = np.random.default_rng(seed)
   n = num_examples
+  if style == "plain":
+    # Shapes span 55-75 % of the frame near its centre (a star's tips stay inside), on one flat
+    # colour darker and greyer than any shape's: every pixel is shape or background.
+    return dict(
+        label=(np.arange(n) % num_classes).astype(np.int32),
+        cx=rng.uniform(-0.12, 0.12, n), cy=rng.uniform(-0.12, 0.12, n),
+        size=rng.uniform(0.55, 0.75, n), angle=rng.uniform(-MAX_TILT, MAX_TILT, n),
+        fg_hue=rng.uniform(0, 1, n), fg_val=rng.uniform(0.8, 1.0, n),
+        bg_hue=rng.uniform(0, 1, (n, 2)), bg_val=np.repeat(rng.uniform(0.1, 0.3, (n, 1)), 2, 1),
+        bg_sat=np.full(n, 0.3), pattern=np.full(n, 3), freq=np.zeros(n),
+        pattern_angle=np.zeros(n))
   return dict(
       label=(np.arange(n) % num_classes).astype(np.int32),
       cx=rng.uniform(-0.35, 0.35, n), cy=rng.uniform(-0.35, 0.35, n),
@@ -91,8 +110,8 @@ def render_embedded(params: dict, resolution: int, supersample: int = 2,
     p = {k: v[lo:lo + chunk] for k, v in params.items()}
     m = len(p["label"])
     col = lambda a: a.reshape(-1, 1)
-    # Background: stripes, checkerboard or a smooth gradient between two colours.
-    w = np.empty((m, xx.shape[1]))
+    # Background: stripes, checkerboard, a smooth gradient between two colours, or flat (3).
+    w = np.zeros((m, xx.shape[1]))
     for kind in range(3):
       rows = p["pattern"] == kind
       if not rows.any():
@@ -108,8 +127,9 @@ def render_embedded(params: dict, resolution: int, supersample: int = 2,
         wave = wave * np.sin(np.pi * freq * orth)
       w[rows] = (wave > 0).astype(np.float64)
     w = w[..., None]
-    c0 = _hsv_to_rgb(p["bg_hue"][:, 0], 0.6, p["bg_val"][:, 0])[:, None, :]
-    c1 = _hsv_to_rgb(p["bg_hue"][:, 1], 0.6, p["bg_val"][:, 1])[:, None, :]
+    sat = p["bg_sat"] if "bg_sat" in p else 0.6
+    c0 = _hsv_to_rgb(p["bg_hue"][:, 0], sat, p["bg_val"][:, 0])[:, None, :]
+    c1 = _hsv_to_rgb(p["bg_hue"][:, 1], sat, p["bg_val"][:, 1])[:, None, :]
     img = c0 * (1 - w) + c1 * w
     # Foreground shape, rotated and scaled; shape kind is the class.
     dx, dy = (xx - col(p["cx"])) / col(p["size"]), (yy - col(p["cy"])) / col(p["size"])
@@ -132,10 +152,11 @@ def render_embedded(params: dict, resolution: int, supersample: int = 2,
 
 @functools.lru_cache(maxsize=8)
 def embedded_dataset(num_examples: int, resolution: int, num_classes: int = 10,
-                     seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+                     seed: int = 0, split: str = "train",
+                     style: str = "plain") -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, R, R, 3], labels int32 [N]); the "test" split uses disjoint seeds."""
   split_seed = {"train": seed, "test": seed + 10_007, "validation": seed + 20_011}
   if split not in split_seed:
     raise ValueError(f"The embedded dataset has splits {sorted(split_seed)}, not {split!r}.")
-  params = embedded_params(num_examples, num_classes, split_seed[split])
+  params = embedded_params(num_examples, num_classes, split_seed[split], style)
   return render_embedded(params, resolution), params["label"]

@@ -23,6 +23,26 @@ def test_embedded_is_deterministic_labelled_and_resolution_consistent():
   assert not np.array_equal(test, a) and a.std() > 30
 
 
+@pytest.mark.parametrize("style", data.STYLES)
+def test_embedded_styles_are_deterministic_balanced_and_distinct(style):
+  a, la = data.embedded_dataset(30, 16, style=style)
+  b, lb = data.embedded_dataset(30, 16, style=style)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(np.bincount(la), np.full(10, 3))  # Balanced classes.
+  test, _ = data.embedded_dataset(30, 16, split="test", style=style)
+  assert not np.array_equal(test, a)
+  other = data.embedded_dataset(30, 16, style=({*data.STYLES} - {style}).pop())[0]
+  assert np.abs(other.astype(float) - a).mean() > 10
+  if style == "plain":  # One flat background colour: the four corners agree, the centre differs.
+    corners = a[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(int)
+    assert np.abs(corners - corners[:, :1]).max() <= 1
+    assert (np.abs(a[:, 8, 8].astype(int) - corners[:, 0]).sum(-1) > 60).mean() > 0.6
+  c = load_config("ddpm_cifar10", "tiny")
+  c.data.embedded_style = "fancy"
+  with pytest.raises(ValueError, match="valid: plain, textured"):
+    data.check_source(c.data)
+
+
 def test_array_batches_depend_only_on_seed_and_step():
   images, labels = data.embedded_dataset(20, 8)
   it = data.array_batches(images, labels, 8, seed=3)

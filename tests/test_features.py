@@ -121,3 +121,10 @@ def test_the_network_does_not_depend_on_the_process_count(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   assert features.train_feature_net(c.data, steps=3).weights_hash == want
+
+
+def test_the_cache_key_follows_the_embedded_style():
+  c = load_config("ddpm_cifar10", "tiny").data
+  plain = features.default_path(c)
+  c.embedded_style = "textured"
+  assert features.default_path(c) != plain

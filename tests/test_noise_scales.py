@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from difflax import data
 from difflax import noise_scales as ns
 
 
@@ -62,7 +63,6 @@ def test_langevin_ratio_limits():
 
 
 def test_recommend_on_embedded_data():
-  from difflax import data
   images, _ = data.embedded_dataset(64, 8)
   rec = ns.recommend(images.astype(np.float32) / 127.5 - 1)
   assert rec["dim"] == 192 and 0 < rec["sigma_first"] <= 2 * math.sqrt(192)
@@ -90,7 +90,11 @@ def test_cli_prints_the_design_for_data_and_for_the_paper_setting():
 def test_from_config_computes_missing_fields_and_keeps_given_ones():
   from conftest import load_config
   c = load_config("ncsnv2_cifar10", "tiny")
-  out = ns.from_config(c)
+  with pytest.raises(ValueError, match="sigma_first=0 asks for Technique 1"):
+    ns.from_config(c)  # The data comes from the caller (this module reads no files).
+  out = ns.from_config(c, lambda n: data.sample_array(c.data, n, c.seed))
+  want = ns.initial_sigma(data.sample_array(c.data, c.ncsn.stat_examples, c.seed))
+  assert out["sigmas"][0] == pytest.approx(want)
   assert out["sigmas"][0] > out["sigmas"][-1] == pytest.approx(0.05)
   assert out["coverage"] >= 0.5 and out["step_size"] > 0
   paper = load_config("ncsnv2_cifar10", "paper")

@@ -270,6 +270,8 @@ def default_path(data_config, steps: int = 0) -> str:
           "split")
   if data_config.name == "folder":  # Its training images depend on the held-out fraction.
     keys += ("eval_fraction",)
+  if data_config.name == "embedded" and data_config.get("embedded_style", "textured") != "textured":
+    keys += ("embedded_style",)  # The textured style's networks keep their cached files.
   ident = hashlib.sha256(json.dumps({k: str(data_config[k]) for k in keys}).encode()).hexdigest()
   name = data_config.name.replace("/", "_")
   steps = steps or recipe_steps(data_config.resolution)
