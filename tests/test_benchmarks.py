@@ -28,7 +28,8 @@ SCRIPTS = {
                       "--variants=simple,iwdiff_k2+importance"],
     "plan_papers.py": ["--tiny"],
     "checkpoint_stall.py": TINY_UNET + ["--saves=1", "--steps-after=1"],
-    "multihost_step.py": ["--steps=2", "--batch-size=8"],
+    # One 2-process launch (the default agreement); the per-step variants differ by flags only.
+    "multihost_step.py": ["--steps=2", "--batch-size=8", "--variants=preemption_service"],
 }
 
 

@@ -14,6 +14,11 @@ Default (CPU, embedded dataset): a class-conditional base 32x32 (~0.7M params, 1
 v-prediction + min-SNR-5, cosine betas) then SR 32->64 (~0.4M params, 300 steps); about 7
 minutes of training for both on 2 cores. The SR stage is amortized
 over s ~ U{0..400} of the base's 1000-step forward process and samples non-truncated at s=100.
+
+On pods (`--mode=plan`, docs/plans/cascade_32_64, planned with mesh.fsdp=1 before the preset
+moved to 16): `:paper` on v5e:16x16 (256 chips, batch 2048 = 8 per chip, bf16): the 792 M base
+fits at 13.5 GiB per chip of 16, 40 ms per step at MFU 0.4, 0.32 days to 700k steps; the 718 M
+sr_64 stage 13.6 GiB, 137 ms, 0.63 days to 400k steps.
 """
 from difflax import cascade
 from difflax import config as config_lib

@@ -5,6 +5,10 @@
   python -m difflax.main --config=configs/ddpm_cifar10.py:tiny --workdir=/tmp/t       # smoke test
 
 Presets (comma-separated after ':'): paper | tiny, plus num_steps= batch= resolution= dataset=.
+
+On pods (`--mode=plan`, measured with the TPU compiler, docs/plans/ddpm_cifar10): `:paper`
+(35.7 M params, batch 128, fp32, fsdp 1) fits a v5e:2x2 slice at 1.66 GiB per chip of 16; 14 ms
+per step at MFU 0.4, 0.13 days to its 800k steps.
 """
 from difflax import config as config_lib
 from difflax import presets as preset_lib

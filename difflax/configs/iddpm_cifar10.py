@@ -6,6 +6,10 @@
       --config.sample.steps=ddim50
 
 Presets: paper | tiny, plus num_steps= batch= resolution= dataset=.
+
+On pods (`--mode=plan`, docs/plans/iddpm_cifar10): `:paper` (52.5 M params, batch 128, fp32,
+fsdp 1) fits a v5e:2x2 slice at 2.79 GiB per chip of 16; 19 ms per step at MFU 0.4, 0.11 days
+to its steps.
 """
 from difflax import config as config_lib
 from difflax import presets as preset_lib

@@ -10,6 +10,10 @@ Langevin step size (Technique 4) from the embedded training data at start-up; no
 hard-coded. `:paper` holds the paper's CIFAR-10 values (sigma 50 -> 0.01, L=232, T=5,
 epsilon 6.2e-6, EMA 0.999, batch 128, lr 1e-4, 300k steps); the paper's RefineNet is replaced by
 difflax's UNet as the unconditional inner network s(x) of s(x, sigma) = s(x) / sigma.
+
+On pods (`--mode=plan`, docs/plans/ncsnv2_cifar10): `:paper` (35.7 M params, batch 128, fp32,
+fsdp 1) fits a v5e:2x2 slice at 1.66 GiB per chip of 16; 14 ms per step at MFU 0.4, 0.05 days to
+its steps.
 """
 from difflax import config as config_lib
 from difflax import presets as preset_lib
