@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import importlib.util
 import logging
 import os
@@ -113,11 +112,9 @@ def _tpu_devices(name: str):
     raise PlanError(f"--topology={name} compiles with libtpu, which is not installed: pip "
                     f"install -e '.[tpu]' (jax[tpu]=={jax.__version__}), or use --topology=local.")
   # Compile-only devices need no TPU and no lock on one: let plans run beside each other (and
-  # beside a training process on a TPU VM). Off a TPU VM libtpu would look its worker list up
-  # in the VM's metadata and print a screen of warnings; there is one (compile-only) worker.
+  # beside a training process on a TPU VM). Off a TPU VM, `xla_flags` (applied on import) told
+  # libtpu there is one local worker, so it does not query the VM metadata.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
   try:
     with _native_stderr_silenced():

@@ -14,9 +14,17 @@ Eigen, whose inner GEMM is oneDNN's: the same train step with the same results, 
 (docs/benchmarks.md). It is left out when the user's `XLA_FLAGS` already sets that flag, when
 `JAX_PLATFORMS` names no CPU, or with `DIFFLAX_XLA_DEFAULTS=0`; other jaxlib versions get
 nothing (an XLA flag a build does not know aborts the process).
+
+`libtpu_defaults(environ, has_tpu, has_libtpu)`: where libtpu is installed (the `[tpu]` extra,
+which `--mode=plan` compiles with) but the machine has no TPU, JAX's TPU plugin would ask the
+cloud metadata server for a TPU worker list at start-up and print a screen of warnings before
+falling back to the CPU; saying there is one local worker (`TPU_WORKER_HOSTNAMES=localhost`)
+keeps it quiet. Machines with TPU devices, and a value the user set, are left alone.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from importlib import metadata
 from typing import Mapping, Optional
@@ -44,7 +52,17 @@ def cpu_defaults(environ: Mapping[str, str], jaxlib: Optional[str] = None) -> Op
   return f"{flags} {FLAG}".strip()
 
 
+def libtpu_defaults(environ: Mapping[str, str], has_tpu: bool, has_libtpu: bool) -> dict:
+  """Environment variables to set so libtpu stays quiet off a TPU machine (see above)."""
+  if has_libtpu and not has_tpu and "TPU_WORKER_HOSTNAMES" not in environ:
+    return {"TPU_WORKER_HOSTNAMES": "localhost"}
+  return {}
+
+
 def apply() -> None:
   flags = cpu_defaults(os.environ)
   if flags is not None:
     os.environ["XLA_FLAGS"] = flags
+  has_tpu = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  os.environ.update(libtpu_defaults(os.environ, has_tpu,
+                                    importlib.util.find_spec("libtpu") is not None))

@@ -64,3 +64,11 @@ def test_train_steps_agree_with_and_without_the_default():
   np.testing.assert_allclose(on["loss"], off["loss"], rtol=1e-5)
   np.testing.assert_allclose(on["grad_norm"], off["grad_norm"], rtol=1e-4)
   np.testing.assert_allclose(on["params"], off["params"], rtol=1e-4)
+
+
+def test_libtpu_is_told_it_has_one_local_worker_only_off_tpu_machines():
+  assert xla_flags.libtpu_defaults({}, has_tpu=False, has_libtpu=True) == {
+      "TPU_WORKER_HOSTNAMES": "localhost"}
+  assert xla_flags.libtpu_defaults({}, has_tpu=True, has_libtpu=True) == {}  # A TPU VM.
+  assert xla_flags.libtpu_defaults({}, has_tpu=False, has_libtpu=False) == {}
+  assert xla_flags.libtpu_defaults({"TPU_WORKER_HOSTNAMES": "w0,w1"}, False, True) == {}

@@ -19,6 +19,10 @@ Presets (comma-separated after ':', combinable):
   paper   CIFAR-10 32x32, DDPM's hyperparameters, 150k steps (Sec. 4.1-4.2). tiny: smoke test.
   Without `paper` / `tiny`: the embedded dataset at 16x16, a CPU-sized UNet, minutes on 2 cores.
 Surrogate Diffusion (Algorithm 4) is a sampling option of any config: `sample.surrogate`.
+
+On pods (`--mode=plan`, docs/plans/dgm_cifar10): `:paper` (35.7 M params, batch 128, fp32,
+fsdp 1) fits a v5e:2x2 slice at 1.66 GiB per chip of 16; 14 ms per step at MFU 0.4, 0.02 days
+to its 150k steps.
 """
 from difflax import config as config_lib
 from difflax import presets as preset_lib
