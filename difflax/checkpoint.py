@@ -3,10 +3,10 @@
 Contract: `Checkpointer(directory, keep)` saves `(state, meta)` pairs atomically (orbax writes to a
 temporary directory and renames), asynchronously (`save` returns once the arrays are copied to
 host memory and writes them in a background thread, so the loop trains on while a large state
-goes to a bucket; a killed write leaves only a temporary directory, which is ignored), keeps the
-newest `keep`, and restores into a given abstract
-state (shapes + shardings), so restored arrays land directly in their shards whatever topology
-wrote them. `directory` may be a local path or a URL (`gs://...`); it is passed to orbax as an
+goes to a bucket; a killed write leaves only a temporary directory, which is ignored; `wait`,
+`restore`, `read_meta` and `close` wait for it), keeps the newest `keep`, and restores into a
+given abstract state (shapes + shardings), so restored arrays land directly in their shards
+whatever topology wrote them. `directory` may be a local path or a URL (`gs://...`); it is passed to orbax as an
 `epath.Path`, never turned into a local folder.
 
 `meta` is JSON: the step, the parameter shapes (`param_shapes`), `checksums` (one 32-bit

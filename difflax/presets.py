@@ -61,7 +61,8 @@ def apply_ddpm_cifar10(c: ml_collections.ConfigDict) -> None:
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
   """The `:tiny` smoke preset every config offers: 8x8 images, a ~45k-param UNet, 4 steps."""
   c.data.update(resolution=8, batch_size=8, num_examples=64)
-  c.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+  c.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4,
+                 patch_size=1)
   c.diffusion.num_timesteps = 100
   c.train.update(num_steps=4, log_every=2, checkpoint_every=2, preview_every=4, preview_num=8,
                  preview_steps="5")
