@@ -158,7 +158,7 @@ def test_pod_queued_resource_failure_exits(fake_cloud):
 def test_slurm_dry_run_port_and_flags():
   out = shell("slurm.sbatch", "--config.mesh.fsdp=8", env=dict(
       DRY_RUN="1", SLURM_JOB_ID="123457", SLURM_JOB_NODELIST="gpu3", CONFIG="c:paper",
-      WORKDIR="/shared/r")).stdout
+      WORKDIR="/nfs/runs/r")).stdout
   assert "--coordinator_address='gpu3:23457'" in out  # 20000 + job id mod 20000.
   assert "--distributed=on" in out and out.strip().endswith('--config.mesh.fsdp=8"')
   text = open(os.path.join(LAUNCH, "slurm.sbatch")).read()
@@ -168,7 +168,7 @@ def test_slurm_dry_run_port_and_flags():
 def test_slurm_term_stops_tasks_and_requeues(fake_cloud):
   """The batch script's SIGTERM (time limit) reaches srun's tasks, then the job is requeued."""
   env, _, log = fake_cloud
-  env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n0", WORKDIR="/shared/r")
+  env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n0", WORKDIR="/nfs/runs/r")
   proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch")],
                           env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
   end = time.time() + 20
