@@ -28,8 +28,9 @@ SCRIPTS = {
                       "--variants=simple,iwdiff_k2+importance"],
     "plan_papers.py": ["--tiny"],
     "checkpoint_stall.py": TINY_UNET + ["--saves=1", "--steps-after=1"],
-    # One 2-process launch (the default agreement); the per-step variants differ by flags only.
-    "multihost_step.py": ["--steps=2", "--batch-size=8", "--variants=preemption_service"],
+    # One 1-process launch: the 2-process variants run the same code with other flags and
+    # launch/local.sh's 2-process path is tests/test_multihost.py's.
+    "multihost_step.py": ["--steps=2", "--batch-size=8", "--variants=one_process"],
 }
 
 
