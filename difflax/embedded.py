@@ -89,7 +89,7 @@ def embedded_params(num_examples: int, num_classes: int = 10, seed: int = 0,
       fg_hue=rng.uniform(0, 1, n), fg_val=rng.uniform(0.7, 1.0, n),
       bg_hue=rng.uniform(0, 1, (n, 2)), bg_val=rng.uniform(0.15, 0.55, (n, 2)),
       pattern=rng.integers(0, 3, n), freq=rng.uniform(2, 6, n),
-      pattern_angle=rng.uniform(0, np.pi, n))
+      pattern_angle=rng.uniform(0, np.pi, n), bg_sat=np.full(n, 0.6))
 
 
 def render_embedded(params: dict, resolution: int, supersample: int = 2,
@@ -127,9 +127,8 @@ def render_embedded(params: dict, resolution: int, supersample: int = 2,
         wave = wave * np.sin(np.pi * freq * orth)
       w[rows] = (wave > 0).astype(np.float64)
     w = w[..., None]
-    sat = p["bg_sat"] if "bg_sat" in p else 0.6
-    c0 = _hsv_to_rgb(p["bg_hue"][:, 0], sat, p["bg_val"][:, 0])[:, None, :]
-    c1 = _hsv_to_rgb(p["bg_hue"][:, 1], sat, p["bg_val"][:, 1])[:, None, :]
+    c0 = _hsv_to_rgb(p["bg_hue"][:, 0], p["bg_sat"], p["bg_val"][:, 0])[:, None, :]
+    c1 = _hsv_to_rgb(p["bg_hue"][:, 1], p["bg_sat"], p["bg_val"][:, 1])[:, None, :]
     img = c0 * (1 - w) + c1 * w
     # Foreground shape, rotated and scaled; shape kind is the class.
     dx, dy = (xx - col(p["cx"])) / col(p["size"]), (yy - col(p["cy"])) / col(p["size"])
