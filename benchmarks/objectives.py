@@ -79,8 +79,8 @@ def main():
   # The yardstick: L_simple at uniform t on held-out images, the same draws for every variant.
   c = config_lib.load(args.config)
   s = experiment.setup(c, "/tmp/difflax_bench_objectives_eval")
-  simple = losses.make_objective(c, s.diffusion)
-  apply = models.make_apply(s.model, c)
+  simple = s.objective  # The config's own (uniform t, k = 1) objective.
+  apply = models.make_apply(s.model, s.process)
   held_out = data.sample_array(c.data, 256, c.seed, c.data.eval_split).astype(np.float32)
 
   @jax.jit

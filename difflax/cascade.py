@@ -214,7 +214,3 @@ def validate(config) -> None:
       if not 0 <= sc.cond.sample_level <= max_level(sc.cond):
         raise ValueError(f"{where}.cond.sample_level={sc.cond.sample_level} outside "
                          f"0..{max_level(sc.cond)}.")
-      if sc.cond.sample_mode == "truncated" and (
-          config.stages[names[i - 1]].diffusion.type != "discrete"):
-        raise ValueError(f"{where}.cond.sample_mode='truncated' stops the previous stage's "
-                         "discrete chain at s; that stage is not discrete. Use non_truncated.")

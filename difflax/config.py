@@ -28,8 +28,7 @@ from difflax import diffusion
 from difflax import growth
 from difflax import losses
 from difflax import models
-from difflax import samplers
-from difflax import schedules
+from difflax import processes
 from difflax import sources
 from difflax import state as state_lib
 
@@ -89,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(
-      type="discrete",      # "discrete" (DDPM) | "continuous" (Chen gamma(t)) | "ncsn" (NCSNv2)
+      type="discrete",      # difflax.processes: "discrete" (DDPM) | "continuous" (Chen gamma(t))
+                            # | "ncsn" (NCSNv2) | "flow" (rectified-flow matching)
       schedule="linear",    # Discrete betas: "linear" | "cosine"
       num_timesteps=1000,
       beta_start=0.0,       # Linear betas' bounds; 0 = DDPM's 1e-4 / 0.02 scaled by 1000/T.
@@ -381,12 +381,20 @@ def validate(c: Any) -> None:
   """Raises ValueError on settings that cannot work together, saying what to change."""
   if cascade.is_cascade(c):
     cascade.validate(c)
-    for name in cascade.stage_names(c):
-      validate(cascade.stage_config(c, name))
+    names = cascade.stage_names(c)
+    for prev, name in zip([None] + names, names):
+      sc = cascade.stage_config(c, name)
+      if (prev and sc.cond.aug == "gaussian" and sc.cond.sample_mode == "truncated" and not
+          processes.get(c.stages[prev].diffusion.type).truncatable):
+        raise ConfigError(f"config.stages.{name}.cond.sample_mode='truncated' stops stage "
+                          f"{prev!r}'s chain at s; that stage's process cannot stop midway "
+                          "(not a discrete chain). Use non_truncated.")
+      validate(sc)
     return
   try:  # The owning modules' own checks.
     models.validate(c.model)
-    losses.validate(c.loss, c.diffusion.type)
+    losses.validate(c.loss)
+    processes.validate(c)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if c.diffusion.var_type not in diffusion.VAR_TYPES:
@@ -395,29 +403,9 @@ def validate(c: Any) -> None:
   if c.diffusion.model_output not in diffusion.MODEL_OUTPUTS:
     raise ConfigError(f"config.diffusion.model_output={c.diffusion.model_output!r}; valid: "
                       f"{diffusion.MODEL_OUTPUTS}.")
-  if c.loss.type not in losses.LOSS_TYPES:
-    raise ConfigError(f"config.loss.type={c.loss.type!r}; valid: {losses.LOSS_TYPES}.")
-  if c.diffusion.type not in diffusion.PROCESS_TYPES:
-    raise ConfigError(f"config.diffusion.type={c.diffusion.type!r}; valid: "
-                      f"{diffusion.PROCESS_TYPES}.")
-  if c.diffusion.type == "continuous":
-    schedules.parse_gamma(c.diffusion.gamma)
-    if c.diffusion.inference_gamma:
-      schedules.parse_gamma(c.diffusion.inference_gamma)
-    if c.diffusion.var_type == "learned_range" or c.loss.type != "simple":
-      raise ConfigError("Continuous-time diffusion trains with loss.type='simple' and fixed "
-                        "variances (diffusion.var_type='fixed_small').")
-  elif c.diffusion.input_scale != 1.0 or c.diffusion.normalize_input:
-    raise ConfigError("diffusion.input_scale / normalize_input apply to "
-                      "diffusion.type='continuous' only.")
-  if c.diffusion.type == "ncsn" and c.model.class_conditional:
-    raise ConfigError("NCSNv2 score models are unconditional here: set "
-                      "model.class_conditional=False.")
   if c.loss.type == "simple" and c.diffusion.var_type == "learned_range":
     raise ConfigError("config.loss.type='simple' cannot learn variances; set "
                       "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
-  for name in (c.train.preview_sampler, c.sample.sampler):
-    samplers.get_sampler(name)
   levels, p = len(c.model.ch_mult), int(c.model.patch_size)
   if p < 1 or (p > 1 and growth.enabled(c)):
     raise ConfigError(f"config.model.patch_size={p}: it must be >= 1 and 1 with progressive "
@@ -434,12 +422,6 @@ def validate(c: Any) -> None:
                       f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
   if c.model.class_conditional and c.data.num_classes <= 0:
     raise ConfigError("model.class_conditional=True needs labels (data.num_classes > 0).")
-  if c.sample.surrogate and not (c.diffusion.type == "discrete" and
-                                 0 <= c.sample.surrogate_t_mid <= c.diffusion.num_timesteps):
-    raise ConfigError("config.sample.surrogate starts a discrete chain at "
-                      "config.sample.surrogate_t_mid, which must lie in [0, "
-                      f"num_timesteps={c.diffusion.num_timesteps}] (got "
-                      f"{c.sample.surrogate_t_mid}, diffusion.type={c.diffusion.type!r}).")
   if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:
     raise ConfigError(f"config.optim.grad_accum={c.optim.grad_accum} must be >= 1 and divide "
                       f"config.data.batch_size={c.data.batch_size}.")

@@ -26,9 +26,6 @@ import numpy as np
 
 from difflax import schedules
 
-# The processes a config can train (`config.diffusion.type`): DDPM chains, Chen's continuous
-# gamma(t) (paper 003) and NCSNv2 score models (paper 004, noise scales in `noise_scales`).
-PROCESS_TYPES = ("discrete", "continuous", "ncsn")
 MODEL_OUTPUTS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
@@ -146,27 +143,13 @@ def from_gamma(gamma_fn, num_steps: int, *, model_output: str = "eps",
 
 
 def from_config(config: Any, respacing: Any = None) -> Diffusion:
-  """Diffusion from a `config.diffusion` block.
-
-  Discrete (`type="discrete"`): schedule, num_timesteps (and beta_start / beta_end of a linear
+  """The discrete chain of a `config.diffusion` block (`processes.DiscreteProcess.chain`):
+  schedule, num_timesteps (and beta_start / beta_end of a linear
   schedule, 0 = scaled DDPM bounds), model_output, var_type; `respacing` is a
   `schedules.space_timesteps` spec ("ddim50", "250", 100, ...), a list of kept steps, or None / ""
   for the full chain.
-  Continuous (`type="continuous"`): the chain of `inference_gamma` (or the training `gamma`) with
-  `respacing` steps (an int or digit string; default num_timesteps).
+  Chen's continuous-time chains are `from_gamma`'s (`processes.ContinuousProcess.chain`).
   """
-  if config.type == "continuous":
-    spec = config.inference_gamma or config.gamma
-    steps = str(respacing or config.num_timesteps).removeprefix("ddim")
-    if not steps.isdigit() or int(steps) < 1:
-      raise ValueError(f"Continuous-time sampling takes a number of steps (e.g. '100' or "
-                       f"'ddim50'), got {respacing!r}.")
-    steps = int(steps)
-    return from_gamma(schedules.parse_gamma(spec), steps, model_output=config.model_output,
-                      var_type=config.var_type, time_input=config.time_input,
-                      clip_value=config.input_scale)
-  if config.type != "discrete":
-    raise ValueError(f"config.diffusion.type={config.type!r} has no Gaussian diffusion chain.")
   t_max = int(config.num_timesteps)
   bounds = {}
   if config.schedule == "linear" and (config.beta_start or config.beta_end):

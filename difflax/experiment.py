@@ -1,17 +1,18 @@
 """Experiment setup: from a config to everything the loop, the sampler and the evaluator need.
 
-Contract: `setup(config, workdir, growth_state=None, devices=None)` builds, without allocating
-any state, an `Experiment`: the mesh (over `devices`, default all of this job's; compile-only TPU
-devices for `plan`), the model of the (growth stage's) architecture, the diffusion chain or NCSN
-noise scales, the objective, the optimiser, the per-purpose base keys, the abstract state
-(`jax.eval_shape`) and its shardings, and the checkpointer of `workdir/checkpoints` (made on
-first use, so an experiment that is only compiled leaves nothing on disk). With progressive
-growth and no `growth_state`, the latest checkpoint's growth stage decides the architecture, so
-a resumed run rebuilds the network it saved. `compile_train_step(exp, batch)` is the one place
-the train step is jitted (shardings, donated state) and compiled ahead of time; `batch` may hold
-arrays or `jax.ShapeDtypeStruct`s (`data.batch_spec`). `restore_or_init(exp)` returns
-(state, restored?): the latest checkpoint restored straight into its shards, else a jitted,
-sharded init. `exp.meta(state)` is the JSON saved beside every checkpoint.
+Contract: `setup(config, workdir, growth_state=None, devices=None)` builds, without allocating any
+state, an `Experiment`: the mesh (over `devices`, default all of this job's; compile-only TPU
+devices for `plan`), the model of the (growth stage's) architecture, the generative process
+(`processes.from_config`: DDPM chain, Chen's chain, NCSN noise scales or flow) and its objective,
+the optimiser, the per-purpose base keys, the abstract state (`jax.eval_shape`) and its shardings,
+and the checkpointer of `workdir/checkpoints` (made on first use, so an experiment that is only
+compiled leaves nothing on disk). With progressive growth and no `growth_state`, the latest
+checkpoint's growth stage decides the architecture, so a resumed run rebuilds the network it saved.
+`compile_train_step(exp, batch)` is the one place the train step is jitted (shardings, donated
+state) and compiled ahead of time; `batch` may hold arrays or `jax.ShapeDtypeStruct`s
+(`data.batch_spec`). `restore_or_init(exp)` returns (state, restored?): the latest checkpoint
+restored straight into its shards, else a jitted, sharded init. `exp.meta(state)` is the JSON saved
+beside every checkpoint.
 """
 from __future__ import annotations
 
@@ -22,18 +23,15 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
 from difflax import checkpoint as ckpt_lib
 from difflax import data as data_lib
-from difflax import diffusion as diff_lib
 from difflax import growth
-from difflax import losses
 from difflax import models
-from difflax import noise_scales
 from difflax import parallel
+from difflax import processes
 from difflax import state as state_lib
 from difflax import step as step_lib
 
@@ -46,8 +44,7 @@ class Experiment:
   workdir: str
   mesh: Any
   model: Any
-  diffusion: Optional[diff_lib.Diffusion]  # None for score models.
-  ncsn: Optional[dict]  # noise_scales.from_config for score models, else None.
+  process: processes.Process
   objective: Any
   optimizer: Any
   lr_schedule: Any
@@ -83,11 +80,10 @@ class Experiment:
     meta = {"step": int(jax.device_get(state.step)),
             "param_shapes": ckpt_lib.param_shapes(self.abstract_state.params),
             "model": self.config.model.to_dict(), "data_resolution": self.config.data.resolution,
-            "diffusion": self.config.diffusion.to_dict(), **(extra or {})}
+            "diffusion": self.config.diffusion.to_dict(), **self.process.meta(),
+            **(extra or {})}
     if growth.enabled(self.config):
       meta.update(growth=self.growth_state.to_meta(), resolution=self.resolution)
-    if self.ncsn is not None:
-      meta["ncsn"] = {k: np.asarray(v).tolist() for k, v in self.ncsn.items()}
     return meta
 
   def close(self) -> None:
@@ -106,24 +102,15 @@ def setup(config, workdir: str, growth_state: Optional[growth.GrowthState] = Non
   growth_state = growth_state or growth.GrowthState()
   mesh = parallel.make_mesh(config.mesh, devices)
   model = models.build_model(config, growth_state)
-  ncsn = diffusion = None
-  if config.diffusion.type == "ncsn":
-    ncsn = noise_scales.from_config(
-        config, lambda n: data_lib.sample_array(config.data, n, config.seed))
-    logging.info("NCSN noise scales: sigma %.4g -> %.4g, L=%d, ratio %.5f (coverage %.3f), "
-                 "step size %.3g", ncsn["sigmas"][0], ncsn["sigmas"][-1], len(ncsn["sigmas"]),
-                 ncsn["ratio"], ncsn["coverage"], ncsn["step_size"])
-  else:
-    diffusion = diff_lib.from_config(config.diffusion)
-  objective = losses.make_objective(config, diffusion,
-                                    None if ncsn is None else jnp.asarray(ncsn["sigmas"]))
+  process = processes.from_config(
+      config, lambda n: data_lib.sample_array(config.data, n, config.seed))
   optimizer, lr_schedule = state_lib.make_optimizer(config.optim)
   keys = dict(zip(KEY_NAMES, jax.random.split(jax.random.key(config.seed), len(KEY_NAMES))))
   init_fn = functools.partial(state_lib.init_state, model, optimizer, config,
                               resolution=growth.resolution(config, growth_state))
   abstract = jax.eval_shape(init_fn, keys["init"])
   shardings = parallel.state_shardings(abstract, mesh, config.mesh)
-  return Experiment(config, workdir, mesh, model, diffusion, ncsn, objective, optimizer,
+  return Experiment(config, workdir, mesh, model, process, process.objective(), optimizer,
                     lr_schedule, init_fn, abstract, shardings, keys, growth_state, checkpointer)
 
 
@@ -131,8 +118,7 @@ def jit_train_step(exp: Experiment):
   """`step.make_train_step` of `exp`'s architecture under `jax.jit` with the state's shardings
   (donated), every batch leaf sharded over the mesh's batch axes and replicated metrics: the one
   train step the loop, the plan, the tests and the benchmarks run."""
-  fn = step_lib.make_train_step(exp.model, exp.objective, exp.optimizer, exp.lr_schedule,
-                                exp.config, exp.keys["step"], exp.growth_state)
+  fn = step_lib.make_train_step(exp)
   return jax.jit(fn, in_shardings=(exp.shardings, exp.batch_sharding),
                  out_shardings=(exp.shardings, parallel.replicated(exp.mesh)),
                  donate_argnums=(0,))

@@ -243,6 +243,3 @@ def validate(config) -> None:
                      "config.eval.quick_fd=True or growth.plateau_metric='train_loss'.")
   if config.data.low_res:
     raise ValueError("Progressive growth and cascade SR stages cannot be combined.")
-  if config.diffusion.type == "ncsn":
-    raise ValueError("Progressive growth is implemented for diffusion (discrete / continuous) "
-                     "models, not NCSN score models.")

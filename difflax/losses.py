@@ -16,10 +16,11 @@ Continuous time (Chen, paper 003): t ~ U(0, 1), x_t = sqrt(gamma(t)) b x0 + sqrt
 (`continuous_losses`), MSE on eps / x0 / v of the scaled data b x0.
 Score matching (NCSNv2, paper 004): `dsm_loss`, Eq. 2 weighted by sigma^2 with the score
 s(x, sigma) = net(x) / sigma (Technique 3), i.e. 1/2 ||net(x + sigma z) + z||^2.
-`make_objective(config, ...)` binds one of them to a config as an `Objective` (draw the batch's
-randomness, then evaluate terms): `objective(denoise_fn, x0, key)`; `validate(config.loss,
-diffusion_type)` is its config check. Timesteps are uniform, importance-sampled (below) or
-logit-normal (`logit_normal_timesteps`, Esser et al. 2024 Sec. 3.1).
+`build_objective(config.loss, draw_t, per_draw)` binds one of them, as a process supplies it
+(`difflax.processes`), to an `Objective` (draw the batch's randomness, then evaluate terms):
+`objective(denoise_fn, x0, key)`; `validate(config.loss)` is its config check. Timesteps are
+uniform, importance-sampled (below) or logit-normal (`logit_normal_timesteps`, Esser et al. 2024
+Sec. 3.1).
 
 Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
 Strategy", Sec. 3.4): `loss.min_snr_gamma = g > 0` weights each example's MSE so the loss equals
@@ -38,42 +39,43 @@ Paper 002's objectives, switches on any of them:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from difflax import diffusion as diff_lib
-from difflax import schedules
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 TIMESTEP_SAMPLERS = ("uniform", "importance", "logit_normal")
 
 
-def validate(lc, diffusion_type: str) -> None:
-  """Raises ValueError on `config.loss` settings that cannot work (with the diffusion type)."""
+def validate(lc) -> None:
+  """Raises ValueError on `config.loss` settings that cannot work (a process's own limits are
+  checked by the process: `difflax.processes`)."""
+  if lc.type not in LOSS_TYPES:
+    raise ValueError(f"config.loss.type={lc.type!r}; valid: {LOSS_TYPES}.")
   if lc.timestep_sampler not in TIMESTEP_SAMPLERS:
     raise ValueError(f"config.loss.timestep_sampler={lc.timestep_sampler!r}; valid: "
                      f"{', '.join(TIMESTEP_SAMPLERS)}.")
-  if lc.timestep_sampler == "logit_normal" and (diffusion_type == "ncsn"
-                                               or not lc.logit_normal_std > 0):
-    raise ValueError("config.loss.timestep_sampler='logit_normal' draws diffusion times (not "
-                     "NCSN noise scales) and needs config.loss.logit_normal_std > 0 (got "
-                     f"{lc.logit_normal_std}, diffusion.type={diffusion_type!r}).")
-  if lc.timestep_sampler == "importance" and diffusion_type != "discrete":
-    raise ValueError("config.loss.timestep_sampler='importance' keeps a loss history per "
-                     "discrete timestep: it needs diffusion.type='discrete'.")
+  if lc.timestep_sampler == "logit_normal" and not lc.logit_normal_std > 0:
+    raise ValueError("config.loss.timestep_sampler='logit_normal' needs "
+                     f"config.loss.logit_normal_std > 0 (got {lc.logit_normal_std}).")
   if lc.timestep_sampler == "importance" and lc.resampler_history < 1:
     raise ValueError(f"config.loss.resampler_history={lc.resampler_history}; it must be >= 1.")
   if lc.resampler_extra_updates and lc.timestep_sampler != "importance":
     raise ValueError("config.loss.resampler_extra_updates refreshes the importance sampler's "
                      "history: set config.loss.timestep_sampler='importance' too.")
-  if lc.min_snr_gamma < 0 or (lc.min_snr_gamma > 0 and diffusion_type == "ncsn"):
-    raise ValueError(f"config.loss.min_snr_gamma={lc.min_snr_gamma}; it must be >= 0 (0 = off) "
-                     "and weights discrete / continuous diffusion losses, not NCSN's.")
+  if lc.min_snr_gamma < 0:
+    raise ValueError(f"config.loss.min_snr_gamma={lc.min_snr_gamma}; it must be >= 0 (0 = off).")
   if lc.iwdiff_k < 1:
     raise ValueError(f"config.loss.iwdiff_k={lc.iwdiff_k}; it must be >= 1 (1 = off).")
+
+
+def uniform_times(key, batch_size: int):
+  """t ~ U(0, 1): [B] float32."""
+  return jax.random.uniform(key, (batch_size,))
 
 
 def sample_timesteps(key, batch_size: int, num_timesteps: int):
@@ -202,67 +204,22 @@ class Objective:
     return dict(terms, loss=terms["loss"] * d["weight"])
 
 
-def make_objective(config, diffusion: Optional[diff_lib.Diffusion] = None,
-                   sigmas: Optional[jax.Array] = None) -> Objective:
-  """The `Objective` of `config.diffusion.type` and `config.loss`; `view` (in `terms`) maps
-  full-resolution arrays to a growth stage's resolution.
-
-  discrete: t ~ U{0..T-1} (or importance-sampled, `loss.timestep_sampler="importance"`, or
-  logit-normal, `"logit_normal"`) and `training_losses` on `diffusion`; continuous: t ~ U(0, 1)
-  (or logit-normal) and `continuous_losses`; ncsn: sigma
-  uniform over `sigmas` and `dsm_loss` (denoise_fn is then the unconditional network called with
-  sigma). `loss.iwdiff_k > 1` turns any of them into IWDiff over k noise draws (`iwdiff_losses`).
-  """
-  c, lc = config.diffusion, config.loss
+def build_objective(lc, draw_t: Callable, per_draw: Callable) -> Objective:
+  """The `Objective` of a process's time draw and per-draw loss under `config.loss` (`lc`):
+  `draw_t(key, batch, resampler) -> (t: [B], weight: [B] or None for ones)` (chain indices,
+  continuous times or noise-level indices) and `per_draw(denoise_fn, x0, t, noise) -> terms`.
+  `loss.iwdiff_k > 1` turns any of them into IWDiff over k noise draws (`iwdiff_losses`);
+  `view` (in `terms`) maps full-resolution arrays to a growth stage's resolution. The processes
+  (`difflax.processes`) supply the two functions."""
   k = int(lc.iwdiff_k)
   if k < 1:
     raise ValueError(f"config.loss.iwdiff_k={k}; it must be >= 1 (1 = no IWDiff).")
 
-  def uniform(t):
-    return t, jnp.ones(t.shape, jnp.float32)
-
-  if c.type == "discrete":
-    num_t = diffusion.num_timesteps
-
-    def draw_t(key, batch, resampler):
-      if lc.timestep_sampler == "logit_normal":
-        return uniform(logit_normal_timesteps(key, batch, num_t, lc.logit_normal_mean,
-                                              lc.logit_normal_std))
-      if resampler is None:
-        return uniform(sample_timesteps(key, batch, num_t))
-      # Paper 002 eq. 8-9: t ~ p_t, the loss reweighted by 1 / (T p_t) keeps its expectation.
-      p = resampler_probs(resampler, lc.resampler_uniform_prob)
-      t = jax.random.categorical(key, jnp.log(p), shape=(batch,)).astype(jnp.int32)
-      return t, 1.0 / (num_t * p[t])
-
-    def per_draw(denoise_fn, x0, t, noise):
-      return training_losses(diffusion, denoise_fn, x0, t, noise, loss_type=lc.type,
-                             vlb_weight=lc.vlb_weight, min_snr_gamma=lc.min_snr_gamma)
-  elif c.type == "continuous":
-    gamma_fn = schedules.parse_gamma(c.gamma)
-
-    def draw_t(key, batch, resampler):
-      if lc.timestep_sampler == "logit_normal":
-        return uniform(logit_normal_times(key, batch, lc.logit_normal_mean, lc.logit_normal_std))
-      return uniform(jax.random.uniform(key, (batch,)))
-
-    def per_draw(denoise_fn, x0, t, noise):
-      return continuous_losses(gamma_fn, denoise_fn, x0, t, noise, model_output=c.model_output,
-                               input_scale=c.input_scale, time_input=c.time_input,
-                               min_snr_gamma=lc.min_snr_gamma)
-  elif c.type == "ncsn":
-    def draw_t(key, batch, resampler):
-      return uniform(jax.random.randint(key, (batch,), 0, sigmas.shape[0]))
-
-    def per_draw(denoise_fn, x0, t, noise):
-      return dsm_loss(denoise_fn, x0, sigmas[t], noise)
-  else:
-    raise ValueError(f"Unknown config.diffusion.type {c.type!r}; valid: discrete, continuous, "
-                     "ncsn.")
-
   def draw(key, x0, resampler=None):
     k_t, k_noise = jax.random.split(key)
     t, weight = draw_t(k_t, x0.shape[0], resampler)
+    if weight is None:
+      weight = jnp.ones(t.shape, jnp.float32)
     noise = jax.random.normal(k_noise, (x0.shape[0], k) + x0.shape[1:], x0.dtype)
     return {"t": t, "weight": weight, "noise": noise}
 

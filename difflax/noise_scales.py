@@ -15,7 +15,7 @@ or samples. Sigmas are descending: sigma_1 (largest) ... sigma_L (smallest).
 The paper's CIFAR-10 setting (D = 3072, sigma 50 -> 0.01, L = 232) has coverage about 0.57, not
 exactly 0.5: with coverage 0.5 Technique 2 gives a slightly larger ratio and fewer scales.
 
-Run `python -m difflax.noise_scales --config=configs/ncsnv2_cifar10.py[:paper]` to print the
+Run `python -m difflax.noise_design --config=configs/ncsnv2_cifar10.py[:paper]` to print the
 noise design of a config (computed from its dataset where the config leaves fields at 0).
 """
 from __future__ import annotations
@@ -143,34 +143,3 @@ def from_config(config, sample_data=None) -> dict:
                                                                n.steps_per_scale)
   return {"sigmas": sigmas, "step_size": float(eps), "ratio": ratio,
           "coverage": coverage(dim, ratio), "dim": dim}
-
-
-def main(argv):
-  """`python -m difflax.noise_scales --config=configs/X.py[:preset] [--config.ncsn.F=V]`: prints the
-  noise design of the config: its `ncsn` fields where given, else computed from its training data
-  (images in [-1, 1] as in training), plus what Techniques 2 and 4 recommend for that range."""
-  import json
-  from difflax import cli
-  del argv
-  from difflax import data as data_lib
-  cfg = cli.load_config()
-  design = from_config(cfg, lambda n: data_lib.sample_array(cfg.data, n, cfg.seed))
-  sigmas = design["sigmas"]
-  n = cfg.ncsn
-  out = {"dim": design["dim"], "sigma_first": float(sigmas[0]), "sigma_last": float(sigmas[-1]),
-         "num_scales": len(sigmas), "ratio": design["ratio"], "coverage": design["coverage"],
-         "steps_per_scale": n.steps_per_scale, "step_size": design["step_size"],
-         "eq4_ratio": langevin_ratio(design["step_size"], design["ratio"], sigmas[-1],
-                                     n.steps_per_scale),
-         "technique2_num_scales": num_noise_scales(design["dim"], sigmas[0], sigmas[-1],
-                                                   n.coverage),
-         "technique4_step_size": langevin_step_size(design["ratio"], sigmas[-1],
-                                                    n.steps_per_scale),
-         "sigma_first_from": "config" if n.sigma_first > 0 else "data (Technique 1)"}
-  print(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-  from difflax import cli
-  cli.define_config_flag()
-  cli.run(main)

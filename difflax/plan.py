@@ -204,7 +204,7 @@ def _compile(c, gs, program: str, tgt: Target, workdir: str):
   b = c.sample.batch_size * (2 if c.sample.guidance and c.model.class_conditional else 1)
   b = -(-b // n) * n
   inputs = jax.eval_shape(lambda: state_lib.dummy_inputs(c, b, exp.resolution))
-  apply = models.make_apply(exp.model, c)
+  apply = models.make_apply(exp.model, exp.process)
   shard = lambda _: exp.batch_sharding
   fn = jax.jit(lambda params, kw: apply(params, **kw),
                in_shardings=(exp.shardings.params, jax.tree_util.tree_map(shard, inputs)),

@@ -86,8 +86,6 @@ def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:
       st.cond.update(schedule="", num_timesteps=0, max_level=0, sample_level=10,
                      train_level=-1)
       res *= 2
-    if st.diffusion.type == "continuous":
-      st.diffusion.num_timesteps = 100
   c.cascade.update(num=8, batch_size=8, sweep_levels=(0, 10, 50), sweep_num=8)
 
 

@@ -11,7 +11,7 @@ cascade pipeline (an SR stage's conditioning from eval images, a fading growth s
 `config.sample.num` images as a PNG grid and an `.npz` of uint8, under a tag naming everything
 that changes the images. With `sample.surrogate` (an `.npz` of images or another workdir) the
 chains start at `sample.surrogate_t_mid` from the surrogate's noised samples (paper 002
-Algorithm 4; `surrogate_images`, `surrogate_steps`).
+Algorithm 4; `surrogate_images`; the discrete process's `surrogate_cost`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import numpy as np
 from difflax import cascade
 from difflax import config as config_lib
 from difflax import data as data_lib
-from difflax import diffusion as diff_lib
 from difflax import experiment
 from difflax import fileio
 from difflax import growth
@@ -35,7 +34,6 @@ from difflax import images as images_lib
 from difflax import models
 from difflax import parallel
 from difflax import samplers
-from difflax import schedules
 from difflax.evaluation import quality
 
 
@@ -49,60 +47,29 @@ def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
   return ((np.arange(n) + offset) % k).astype(np.int32)
 
 
-def _truncated_chain(c, respacing, truncate_level: int):
-  """(chain, stop index) of a discrete chain that stops at CDM's z_s: the noise level of
-  original step s - 1, added to the respaced chain so the stop is exact (paper 001 Sec. 3.2)."""
-  if c.diffusion.type != "discrete":
-    raise ValueError("Truncated sampling stops a discrete chain; this stage is "
-                     f"diffusion.type={c.diffusion.type!r}.")
-  t_max = int(c.diffusion.num_timesteps)
-  if truncate_level > t_max:
-    raise ValueError(f"Truncation level {truncate_level} exceeds the chain's T={t_max}.")
-  kept = (set(range(t_max)) if respacing in (None, "", 0)
-          else set(schedules.space_timesteps(t_max, respacing)))
-  kept = sorted(kept | {truncate_level - 1})
-  return diff_lib.from_config(c.diffusion, respacing=kept), kept.index(truncate_level - 1)
-
-
 def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta: float = 0.0,
                    guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0,
                    surrogate_t_mid: Optional[int] = None):
   """Jitted `(params, key, labels: [B], cond: dict) -> images [B, H, W, C]`, sharded over the
   batch axes. `cond` is {} or per-sample model inputs (`model_conditions`, a cascade stage's).
 
-  The samplers are mesh-free; the sharding constraint on x inside the denoiser is what spreads the
-  batch over devices. Score models sample with annealed Langevin dynamics and ignore method /
-  respacing; continuous-time models return x0 = (b x0) / b. With `truncate_level` s > 0 the
-  chain stops at z_s (`_truncated_chain`). With `surrogate_t_mid` (a timestep of the training
-  chain, paper 002 Algorithm 4) `cond["x0_surrogate"]` is noised to that level and only the
-  chain steps below it run (`surrogate_steps`).
+  The reverse process is the experiment's process's (`Process.sampler`: method, respacing,
+  truncation at a cascade level, a surrogate start from `cond["x0_surrogate"]`); this function
+  adds the conditioning, classifier-free guidance, the params and the mesh. The samplers are
+  mesh-free; the sharding constraint on x inside the denoiser is what spreads the batch over
+  devices.
   """
   c = exp.config
-  stop_at = -1
-  if exp.ncsn:
-    d = None
-  elif truncate_level > 0:
-    d, stop_at = _truncated_chain(c, respacing, truncate_level)
-  else:
-    d = diff_lib.from_config(c.diffusion, respacing=respacing)
-  start = None
-  if surrogate_t_mid is not None:
-    if d is None or c.diffusion.type != "discrete" or truncate_level:
-      raise ValueError("Surrogate Diffusion starts a discrete diffusion chain midway; this "
-                       "sampler is not one (score model, continuous time or truncated chain).")
-    start = surrogate_steps(d, surrogate_t_mid)
-  model_apply = models.make_apply(exp.model, c)
+  run = exp.process.sampler(method, respacing, eta=eta, clip_denoised=clip_denoised,
+                            truncate_level=truncate_level, surrogate_t_mid=surrogate_t_mid)
+  model_apply = models.make_apply(exp.model, exp.process)
   num_classes = c.data.num_classes if c.model.class_conditional else 0
   shape_hw = (exp.resolution, exp.resolution, c.data.channels)
   sharding = exp.batch_sharding
 
   def sample_fn(params, key, labels, cond):
-    x_T = start_at = None
-    if start is not None:
-      cond = dict(cond)
-      k_start, key = jax.random.split(key)
-      x_T = samplers.surrogate_start(k_start, d, cond.pop("x0_surrogate"), start)
-      start_at = start - 1
+    cond = dict(cond)
+    x0_surrogate = cond.pop("x0_surrogate", None)
 
     def apply(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
@@ -110,32 +77,15 @@ def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta:
       reps = x.shape[0] // labels.shape[0]
       kw = {k: jnp.concatenate([v] * reps) if reps > 1 else v for k, v in cond.items()}
       return model_apply(params, x, t, y=y if num_classes else None, **kw)
-    shape = (labels.shape[0],) + shape_hw
-    if exp.ncsn is not None:
-      return samplers.annealed_langevin(
-          lambda x, sigma: apply(x, sigma, labels), exp.ncsn["sigmas"], shape, key,
-          step_size=exp.ncsn["step_size"], steps_per_scale=c.ncsn.steps_per_scale,
-          final_denoise=c.ncsn.final_denoise)
     if num_classes and guidance:
       denoise = samplers.classifier_free_guidance(apply, labels, num_classes, guidance,
                                                   c.data.channels)
     else:
       denoise = lambda x, t: apply(x, t, labels)
-    x = samplers.sample(denoise, d, shape, key, method=method, eta=eta,
-                        clip_denoised=clip_denoised, x_T=x_T, stop_at=stop_at, start_at=start_at)
-    return x / c.diffusion.input_scale
+    return run(denoise, (labels.shape[0],) + shape_hw, key, x0_surrogate=x0_surrogate)
 
   return jax.jit(sample_fn, in_shardings=(exp.shardings.params, None, sharding, sharding),
                  out_shardings=sharding)
-
-
-def surrogate_steps(d: diff_lib.Diffusion, t_mid: int) -> int:
-  """Chain steps of `d` below training timestep `t_mid` (paper 002's t_mid of a T-step chain):
-  t_mid itself on the full chain, fewer on a respaced one, whose kept step j - 1 is then the
-  last one below t_mid. These are the model evaluations a surrogate-started sample costs."""
-  if not 0 <= t_mid <= int(np.max(d.timestep_map)) + 1:
-    raise ValueError(f"sample.surrogate_t_mid={t_mid} outside [0, T].")
-  return int(np.sum(np.asarray(d.timestep_map) < t_mid))
 
 
 def surrogate_images(source: str, num: int, resolution: int, channels: int,
@@ -261,7 +211,7 @@ def sample(config, workdir: str) -> dict:
   fn = make_sample_fn(exp, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised,
                       surrogate_t_mid=t_mid)
   params = state.ema_params if c.use_ema else state.params
-  method = "langevin" if exp.ncsn else f"{c.sampler}{c.steps or 'all'}_eta{c.eta:g}"
+  method = exp.process.sample_tag(c.sampler, c.steps, c.eta)
   if t_mid is not None:
     source = os.path.basename(os.path.normpath(c.surrogate)).removesuffix(".npz")
     method += f"_surrogate-{source}-t{t_mid}"
@@ -274,14 +224,12 @@ def sample(config, workdir: str) -> dict:
                           shard_dir=os.path.join(out_dir, tag), cond=cond)
   secs = time.perf_counter() - t0
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
-  if t_mid is not None and not exp.ncsn:
-    d = diff_lib.from_config(config.diffusion, respacing=c.steps)
-    evals = surrogate_steps(d, t_mid)
+  if t_mid is not None:
+    evals, full = exp.process.surrogate_cost(c.steps, t_mid)
     # Paper 002 Table 4.5's speed-up: model evaluations saved per sample.
-    result.update(model_evaluations=evals, model_evaluations_full=d.num_timesteps)
+    result.update(model_evaluations=evals, model_evaluations_full=full)
     logging.info("Surrogate Diffusion from %s at t_mid=%d: %d of %d model evaluations per "
-                 "sample (%.1fx fewer).", c.surrogate, t_mid, evals, d.num_timesteps,
-                 d.num_timesteps / max(evals, 1))
+                 "sample (%.1fx fewer).", c.surrogate, t_mid, evals, full, full / max(evals, 1))
   if config.eval.quality_line:
     result["quality"] = quality.report(config, imgs, exp.mesh, "samples")
   if jax.process_index() == 0:

@@ -1,9 +1,11 @@
 """The train step: schedule + loss + model apply + optimiser + EMA in one pure function.
 
-Contract: `make_train_step(model, objective, optimizer, lr_schedule, config, base_key)` returns
-`train_step(state, batch) -> (state, metrics)`, pure and unjitted; `train.py` jits it once per
-architecture with shardings and donated state. `objective` is `losses.make_objective(config, ...)`
-(discrete, continuous-time or score matching), so this one step serves every process. Per-step
+Contract: `make_train_step(exp)` returns `train_step(state, batch) -> (state, metrics)`, pure and
+unjitted, for an `experiment.Experiment` (its model, process and objective, optimiser and
+learning-rate schedule, config, `keys["step"]` and growth state);
+`experiment.jit_train_step(exp)` jits it once per architecture with shardings and donated state.
+The objective is the process's (`difflax.processes`: DDPM, Chen's continuous time, NCSN score
+matching, flow matching), so this one step serves every process. Per-step
 randomness (timesteps / noise levels, noise, dropout, label dropout, a cascade SR stage's
 conditioning augmentation of `batch["low_res"]`) is
 `fold_in(base_key, state.step)`, so the step is a function of (state, batch)
@@ -30,10 +32,10 @@ from difflax import models
 from difflax import state as state_lib
 
 
-def make_train_step(model, objective, optimizer, lr_schedule, config, base_key,
-                    growth_state=None):
-  apply = models.make_apply(model, config)
-  gs = growth_state or growth.GrowthState()
+def make_train_step(exp):
+  config, objective, optimizer = exp.config, exp.objective, exp.optimizer
+  apply = models.make_apply(exp.model, exp.process)
+  base_key, lr_schedule, gs = exp.keys["step"], exp.lr_schedule, exp.growth_state
   view = growth.stage_view(config, gs)
   num_classes = config.data.num_classes if config.model.class_conditional else 0
   accum = int(config.optim.grad_accum)

@@ -1,5 +1,6 @@
 """The shape of the package: imports go one way (pure math never imports orchestration), no
-import cycle (function-level imports included), no module over 450 lines."""
+import cycle (function-level imports included), no module over 450 lines, and only the process
+modules (`difflax/processes/`) branch on which generative process a config trains."""
 import ast
 import os
 
@@ -8,7 +9,8 @@ import pytest
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "difflax")
 # Pure math (DESIGN.md's layers): may import each other and leaf helpers, never what runs a loop.
 PURE = ("schedules", "noise_scales", "diffusion", "losses", "samplers", "cascade", "growth",
-        "evaluation.metrics", "trees", "images")
+        "evaluation.metrics", "trees", "images", "processes", "processes.base",
+        "processes.discrete", "processes.continuous", "processes.ncsn", "processes.flow")
 # What runs a loop, or touches devices, files or the network: never reachable from pure math.
 ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main",
                  "data", "parallel", "fileio", "checkpoint", "writers", "folders", "sources",
@@ -123,3 +125,37 @@ def test_no_module_over_450_lines():
   _, mods = import_graph()
   long = {m: n for m, p in mods.items() if (n := sum(1 for _ in open(p))) > 450}
   assert not long, long
+
+
+PROCESS_NAMES = ("discrete", "continuous", "ncsn", "flow")
+
+
+def process_name_comparisons(path: str) -> list:
+  """Lines of `path` that compare against a process name or `<...>.diffusion.type` (==, !=, in),
+  the branching `difflax.processes` owns."""
+  def names_process(node):
+    for n in ast.walk(node):
+      if isinstance(n, ast.Constant) and n.value in PROCESS_NAMES:
+        return True
+      if (isinstance(n, ast.Attribute) and n.attr == "type" and isinstance(n.value, ast.Attribute)
+          and n.value.attr == "diffusion"):
+        return True
+    return False
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare) and names_process(n)]
+
+
+def test_only_process_modules_compare_process_names():
+  _, mods = import_graph()
+  found = {m: lines for m, p in mods.items()
+           if not m.startswith(("difflax.processes", "difflax.configs"))
+           and (lines := process_name_comparisons(p))}
+  assert not found, f"process names compared outside difflax/processes: {found}"
+
+
+def test_process_name_check_finds_planted_comparisons(tmp_path):
+  path = tmp_path / "m.py"
+  path.write_text("def f(c, kind):\n  if c.diffusion.type == kind:\n    return 1\n"
+                  "  return kind in ('ncsn', 'x') or kind != 'y'\n")
+  assert process_name_comparisons(str(path)) == [2, 4]

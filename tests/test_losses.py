@@ -5,6 +5,7 @@ import pytest
 
 from difflax import diffusion as D
 from difflax import losses
+from difflax import processes
 from difflax import schedules
 
 T = 50
@@ -156,7 +157,7 @@ def test_importance_weighted_loss_is_an_unbiased_estimate_of_the_uniform_mean():
   assert float(jnp.max(p) / jnp.min(p)) > 10  # Far from uniform.
   np.testing.assert_allclose(float(jnp.sum(p * table / (6 * p))), float(table.mean()),
                              rtol=1e-6)
-  obj = losses.make_objective(c, D.from_config(c.diffusion))
+  obj = processes.from_config(c).objective()
   draw = jax.jit(lambda key: obj.draw(key, jnp.zeros((20_000, 2, 2, 1)), state))(
       jax.random.key(0))
   est = np.asarray(table[draw["t"]] * draw["weight"])
@@ -215,7 +216,7 @@ def test_importance_sampling_and_iwdiff_serve_hybrid_and_vlb_objectives():
     c = load_config("ddpm_cifar10", "tiny")
     c.diffusion.update(num_timesteps=T, schedule="cosine", var_type="learned_range")
     c.loss.update(type=kind, timestep_sampler="importance", iwdiff_k=3)
-    obj = losses.make_objective(c, D.from_config(c.diffusion))
+    obj = processes.from_config(c).objective()
     hist = jnp.linspace(0.1, 2.0, 2 * T).reshape(T, 2)
     res = {"losses": hist, "count": jnp.full((T,), 2, jnp.int32)}
     net = lambda x, t: jnp.concatenate([0.1 * x, jnp.zeros_like(x)], axis=-1)
@@ -283,8 +284,9 @@ def test_logit_normal_timesteps_follow_the_logit_normal_cdf(kind):
   from conftest import load_config
   c = load_config("ddpm_cifar10" if kind == "discrete" else "chen_schedules", "tiny")
   c.loss.update(timestep_sampler="logit_normal", logit_normal_mean=0.5, logit_normal_std=0.8)
-  d = D.from_config(c.diffusion) if kind == "discrete" else None
-  obj = losses.make_objective(c, d)
+  process = processes.from_config(c)
+  d = process.chain() if kind == "discrete" else None
+  obj = process.objective()
   draw = jax.jit(lambda key: obj.draw(key, jnp.zeros((20_000, 2, 2, 1))))(jax.random.key(0))
   np.testing.assert_array_equal(draw["weight"], 1.0)
   cdf = lambda q: 0.5 * (1 + erf((log(q / (1 - q)) - 0.5) / (0.8 * sqrt(2))))

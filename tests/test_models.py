@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from difflax import models
+from difflax import processes
 from difflax.models.unet import UNet
 
 
@@ -77,7 +78,7 @@ def test_input_normalisation_makes_the_network_scale_invariant(tiny_config):
   m = models.build_model(c)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   params = perturbed(m.init(jax.random.key(0), x, jnp.zeros(2))["params"])
-  apply = models.make_apply(m, c)
+  apply = models.make_apply(m, processes.from_config(c))
   np.testing.assert_allclose(apply(params, x, jnp.ones(2)), apply(params, 3 * x, jnp.ones(2)),
                              atol=1e-4)
 

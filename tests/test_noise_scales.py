@@ -74,7 +74,7 @@ def test_cli_prints_the_design_for_data_and_for_the_paper_setting():
   from conftest import REPO
 
   def cli(arg):
-    proc = subprocess.run([sys.executable, "-m", "difflax.noise_scales", f"--config={arg}"],
+    proc = subprocess.run([sys.executable, "-m", "difflax.noise_design", f"--config={arg}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]

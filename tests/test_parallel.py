@@ -1,4 +1,3 @@
-import functools
 import json
 import os
 import subprocess
@@ -12,29 +11,15 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO
 
 from difflax import data
-from difflax import diffusion as diff_lib
-from difflax import losses
-from difflax import models
+from difflax import experiment
 from difflax import parallel
-from difflax import state as state_lib
-from difflax import step as step_lib
 
 
 def run_steps(config, devices, num_steps=2):
   """Init + `num_steps` jitted train steps on a mesh over `devices`; returns (state, metrics)."""
-  mesh = parallel.make_mesh(config.mesh, devices)
-  model = models.build_model(config)
-  opt, sched = state_lib.make_optimizer(config.optim)
-  init = functools.partial(state_lib.init_state, model, opt, config)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = parallel.state_shardings(abstract, mesh, config.mesh)
-  state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-  objective = losses.make_objective(config, diff_lib.from_config(config.diffusion))
-  fn = step_lib.make_train_step(model, objective, opt, sched, config, jax.random.key(1))
-  bsh = parallel.batch_sharding(mesh)
-  step = jax.jit(fn, in_shardings=(shardings, {"image": bsh, "label": bsh}),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  it = data.make_iterator(config.data, mesh, seed=0)
+  exp = experiment.setup(config, "/nonexistent", devices=devices)
+  state, step, shardings = experiment.init_state(exp), experiment.jit_train_step(exp), exp.shardings
+  it = data.make_iterator(config.data, exp.mesh, seed=0)
   metrics = None
   for _ in range(num_steps):
     state, metrics = step(state, next(it))

@@ -189,10 +189,10 @@ def test_surrogate_start_with_small_t_mid_keeps_a_perfect_surrogate(method, resp
   within 0.3 of the distance between independent samples (2 SIGMA / sqrt(pi)) of the
   surrogate's and keeps the data's distribution, with 3 (full) or 2 (ddim50) model
   evaluations instead of 100."""
-  from difflax import sampling
+  from difflax.processes import discrete
   d = D.build(BETAS, var_type="fixed_small",
               timesteps=schedules.space_timesteps(T, respace) if respace else None)
-  steps = sampling.surrogate_steps(d, 3)
+  steps = discrete.surrogate_steps(d, 3)
   assert steps == (3 if respace is None else 2)
   x0s = MU + SIGMA * jax.random.normal(jax.random.key(7), (4000, 1, 1, 1))
   calls = []

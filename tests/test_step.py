@@ -4,21 +4,15 @@ import jax
 import numpy as np
 
 from difflax import data
-from difflax import diffusion as diff_lib
-from difflax import losses
-from difflax import models
+from difflax import experiment
 from difflax import state as state_lib
 from difflax import step as step_lib
 
 
 def fresh_step(c):
   """(initial state, jitted train step) of config `c` on one device."""
-  model = models.build_model(c)
-  opt, sched = state_lib.make_optimizer(c.optim)
-  state = state_lib.init_state(model, opt, c, jax.random.key(0))
-  objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
-  return state, jax.jit(step_lib.make_train_step(model, objective, opt, sched, c,
-                                                 jax.random.key(1)))
+  exp = experiment.setup(c, "/nonexistent", devices=jax.devices()[:1])
+  return experiment.init_state(exp), jax.jit(step_lib.make_train_step(exp))
 
 
 def test_loss_on_a_fixed_batch_decreases(tiny_config):
@@ -26,11 +20,7 @@ def test_loss_on_a_fixed_batch_decreases(tiny_config):
   c.optim.update(lr=3e-3, warmup_steps=1)
   c.loss.type = "hybrid"
   c.diffusion.var_type = "learned_range"
-  model = models.build_model(c)
-  opt, sched = state_lib.make_optimizer(c.optim)
-  state = state_lib.init_state(model, opt, c, jax.random.key(0))
-  objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
-  step = jax.jit(step_lib.make_train_step(model, objective, opt, sched, c, jax.random.key(1)))
+  state, step = fresh_step(c)
   images, labels = data.embedded_dataset(8, 8)
   batch = {"image": images.astype(np.float32) / 127.5 - 1, "label": labels}
   history = []
@@ -60,18 +50,15 @@ def test_gradient_accumulation_takes_the_one_pass_step_with_paper_002_objectives
   c.diffusion.update(num_timesteps=8, schedule="cosine")
   c.loss.update(timestep_sampler="importance", resampler_history=2, iwdiff_k=2)
   c.optim.update(warmup_steps=1, eps=1.0, lr=1.0, grad_clip=0.0)
-  model = models.build_model(c)
-  opt, sched = state_lib.make_optimizer(c.optim)
-  state = state_lib.init_state(model, opt, c, jax.random.key(0))
+  state, _ = fresh_step(c)
   hist = np.linspace(0.1, 3.0, 16, dtype=np.float32).reshape(8, 2)
   state = state.replace(resampler={"losses": hist, "count": np.full((8,), 2, np.int32)})
-  objective = losses.make_objective(c, diff_lib.from_config(c.diffusion))
   images, labels = data.embedded_dataset(8, 8)
   batch = {"image": images.astype(np.float32) / 127.5 - 1, "label": labels}
   out = {}
   for accum in (1, 2, 4):
     c.optim.grad_accum = accum
-    step = jax.jit(step_lib.make_train_step(model, objective, opt, sched, c, jax.random.key(1)))
+    step = fresh_step(c)[1]
     if accum == 1:  # The optimizer's first step has lr 0 (warm-up): compare second steps.
       state = jax.device_get(step(state, batch)[0])
     out[accum] = step(state, batch)

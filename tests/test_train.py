@@ -232,8 +232,8 @@ def test_sample_without_checkpoint_says_train_first(tmp_path):
 
 @pytest.mark.parametrize("name,arg,tag", [
     ("chen_schedules", "tiny,gamma=sigmoid,start=0,end=3,tau=0.7,scale=0.5,pred=v", "ddim10"),
-    ("ncsnv2_cifar10", "tiny", "langevin")])
-def test_continuous_and_score_configs_train_and_sample(tmp_path, name, arg, tag):
+    ("ncsnv2_cifar10", "tiny", "langevin"), ("flow_cifar10", "tiny", "heun5")])
+def test_continuous_score_and_flow_configs_train_and_sample(tmp_path, name, arg, tag):
   cmd = [sys.executable, "-m", "difflax.main", f"--config=configs/{name}.py:{arg}",
          f"--workdir={tmp_path}"]
   proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),

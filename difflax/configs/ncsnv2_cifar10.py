@@ -3,7 +3,7 @@ and sampled with annealed Langevin dynamics, noise scales designed from the data
 
   python -m difflax.main --config=configs/ncsnv2_cifar10.py --workdir=runs/ncsn        # CPU
   python -m difflax.main --config=configs/ncsnv2_cifar10.py:paper --workdir=runs/ncsn  # CIFAR-10
-  python -m difflax.noise_scales --config=configs/ncsnv2_cifar10.py    # print the noise design
+  python -m difflax.noise_design --config=configs/ncsnv2_cifar10.py    # print the noise design
 
 The default preset computes sigma_1 (Technique 1), the number of scales (Technique 2) and the
 Langevin step size (Technique 4) from the embedded training data at start-up; nothing is

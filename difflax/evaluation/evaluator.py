@@ -29,9 +29,9 @@ from difflax import experiment
 from difflax import fileio
 from difflax import growth
 from difflax import images as images_lib
-from difflax import losses
 from difflax import models
 from difflax import parallel
+from difflax import processes
 from difflax import sampling
 from difflax import writers
 from difflax.evaluation import metrics
@@ -46,10 +46,9 @@ def make_bpd_fn(exp: experiment.Experiment):
   """Jitted `(params, x0: [B, H, W, C], labels: [B], key, low_res) -> {name: [B]}` bits/dim
   over all T."""
   c = exp.config
-  if c.diffusion.type != "discrete":
-    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; set "
-                     "config.eval.bpd=False for continuous-time and score models.")
-  model_apply = models.make_apply(exp.model, c)
+  if not exp.process.has_bpd:
+    exp.process.bits_per_dim(None, None, None)  # Raises, saying what to set.
+  model_apply = models.make_apply(exp.model, exp.process)
   view = growth.stage_view(c, exp.growth_state)
   gs = exp.growth_state
 
@@ -64,7 +63,7 @@ def make_bpd_fn(exp: experiment.Experiment):
     def denoise(x, t):
       x = jax.lax.with_sharding_constraint(x, exp.batch_sharding)
       return model_apply(params, x, t, y=labels if c.model.class_conditional else None, **cond)
-    out = losses.bits_per_dim(exp.diffusion, denoise, x0, key)
+    out = exp.process.bits_per_dim(denoise, x0, key)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
             "decoder_bpd": out["vb"][:, 0]}
 
@@ -152,7 +151,7 @@ class Evaluator:
   def __init__(self, exp: experiment.Experiment):
     c = exp.config
     self.exp = exp
-    self.bpd_fn = make_bpd_fn(exp) if c.eval.bpd and c.diffusion.type == "discrete" else None
+    self.bpd_fn = make_bpd_fn(exp) if c.eval.bpd and exp.process.has_bpd else None
     self.spaces = feature_spaces(c, exp.mesh)
     if self.spaces:
       self.sample_fn = sampling.make_sample_fn(exp, c.train.preview_sampler,
@@ -217,10 +216,11 @@ def plot_history(workdir: str) -> str | None:
 
 def evaluate(config, workdir: str) -> dict:
   """--mode=eval: the configured evals of the latest checkpoint's EMA params."""
-  if config.diffusion.type != "discrete" and not (config.eval.quick_fd or config.eval.inception):
-    raise ValueError("Bits/dim evaluation needs config.diffusion.type='discrete'; enable "
-                     "config.eval.quick_fd or config.eval.inception for continuous-time and "
-                     "score models.")
+  if not (processes.get(config.diffusion.type).has_bpd or config.eval.quick_fd
+          or config.eval.inception):
+    raise ValueError("Bits/dim evaluation needs a discrete chain (diffusion.type='discrete'); "
+                     "enable config.eval.quick_fd or config.eval.inception for continuous-time, "
+                     "score and flow models.")
   exp, state = experiment.restore_trained(config, workdir)
   step = int(jax.device_get(state.step))
   result = Evaluator(exp)(state.ema_params, step)

@@ -49,23 +49,16 @@ def build_model(config, growth_state=None):
       **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 
-def make_apply(model, config):
-  """`apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None) -> output`
-  for `config`'s process (low_res / aug_level: a cascade SR stage's conditioning).
-
-  Continuous time with `diffusion.normalize_input`: x_t is divided by its per-example standard
-  deviation before the network, at training and sampling alike (Chen, paper 003 Sec. 2.2).
-  NCSN: the inner network is unconditional (Technique 3), so the noise level is not fed.
-  """
-  normalize = config.diffusion.type == "continuous" and config.diffusion.normalize_input
-  unconditional_time = config.diffusion.type == "ncsn"
+def make_apply(model, process=None):
+  """`apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None,
+  fade_weight=None) -> output`; `process.model_input(x, t)` (a `difflax.processes.Process`:
+  Chen's input normalisation, NCSN's time-free network) is applied first, at training and
+  sampling alike. low_res / aug_level: a cascade SR stage's conditioning."""
 
   def apply(params, x, t, y=None, train=False, rngs=None, low_res=None, aug_level=None,
             fade_weight=None):
-    if normalize:
-      x = x / jnp.sqrt(jnp.var(x, axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-5)
-    if unconditional_time:
-      t = jnp.zeros_like(t)
+    if process is not None:
+      x, t = process.model_input(x, t)
     kw = {} if fade_weight is None else {"fade_weight": fade_weight}
     return model.apply({"params": params}, x, t, y=y, low_res=low_res, aug_level=aug_level,
                        train=train, rngs=rngs, **kw)
