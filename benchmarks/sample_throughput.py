@@ -30,9 +30,9 @@ def main():
   labels = jax.device_put(np.zeros((c.data.batch_size,), np.int32), s.batch_sharding)
   key = jax.random.key(0)
   compiled, compile_times = _common.compile_cold_and_cached(
-      lambda: fn.lower(state.params, key, labels, {}), args.cache_dir)
+      lambda: fn.lower(state.params, key, labels, None, None), args.cache_dir)
   times = _common.time_calls(
-      lambda: compiled(state.params, key, labels, {}).block_until_ready(), args.warmup,
+      lambda: compiled(state.params, key, labels, None, None).block_until_ready(), args.warmup,
       args.steps)
   chain_s = _common.median(times)
   flops = _common.cost_flops(compiled)  # XLA counts the scan body once: FLOPs of one forward.

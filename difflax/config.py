@@ -391,41 +391,12 @@ def validate(c: Any) -> None:
                           "(not a discrete chain). Use non_truncated.")
       validate(sc)
     return
-  try:  # The owning modules' own checks.
-    models.validate(c.model)
+  try:  # Each block is checked by the module that owns it.
+    models.validate(c)
+    diffusion.validate(c.diffusion)
     losses.validate(c.loss)
     processes.validate(c)
+    state_lib.validate(c)
+    growth.validate(c)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if c.diffusion.var_type not in diffusion.VAR_TYPES:
-    raise ConfigError(f"config.diffusion.var_type={c.diffusion.var_type!r}; valid: "
-                      f"{diffusion.VAR_TYPES}.")
-  if c.diffusion.model_output not in diffusion.MODEL_OUTPUTS:
-    raise ConfigError(f"config.diffusion.model_output={c.diffusion.model_output!r}; valid: "
-                      f"{diffusion.MODEL_OUTPUTS}.")
-  if c.loss.type == "simple" and c.diffusion.var_type == "learned_range":
-    raise ConfigError("config.loss.type='simple' cannot learn variances; set "
-                      "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
-  levels, p = len(c.model.ch_mult), int(c.model.patch_size)
-  if p < 1 or (p > 1 and growth.enabled(c)):
-    raise ConfigError(f"config.model.patch_size={p}: it must be >= 1 and 1 with progressive "
-                      "growth (growth adds levels at the full resolution).")
-  if c.data.resolution % (p * 2 ** (levels - 1)):
-    raise ConfigError(f"config.data.resolution={c.data.resolution} does not fit "
-                      f"{levels} UNet levels (ch_mult={tuple(c.model.ch_mult)}) on {p}x{p} "
-                      f"patches: it must be divisible by {p * 2 ** (levels - 1)}.")
-  level_res = {c.data.resolution // p // 2 ** i for i in range(levels)}
-  bad = [r for r in c.model.attn_resolutions if r not in level_res]
-  if bad:
-    raise ConfigError(f"config.model.attn_resolutions={tuple(c.model.attn_resolutions)} names "
-                      f"resolutions {bad} that no level has at data.resolution="
-                      f"{c.data.resolution}; levels are at {sorted(level_res, reverse=True)}.")
-  if c.model.class_conditional and c.data.num_classes <= 0:
-    raise ConfigError("model.class_conditional=True needs labels (data.num_classes > 0).")
-  if c.optim.grad_accum < 1 or c.data.batch_size % c.optim.grad_accum:
-    raise ConfigError(f"config.optim.grad_accum={c.optim.grad_accum} must be >= 1 and divide "
-                      f"config.data.batch_size={c.data.batch_size}.")
-  growth.validate(c)
-  if c.optim.name not in state_lib.OPTIMIZERS:
-    raise ConfigError(f"config.optim.name={c.optim.name!r}; valid: "
-                      f"{sorted(state_lib.OPTIMIZERS)}.")

@@ -30,6 +30,16 @@ MODEL_OUTPUTS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
+def validate(diffusion_config) -> None:
+  """Raises ValueError on an unknown `config.diffusion.var_type` / `model_output`."""
+  d = diffusion_config
+  if d.var_type not in VAR_TYPES:
+    raise ValueError(f"config.diffusion.var_type={d.var_type!r}; valid: {VAR_TYPES}.")
+  if d.model_output not in MODEL_OUTPUTS:
+    raise ValueError(f"config.diffusion.model_output={d.model_output!r}; valid: "
+                     f"{MODEL_OUTPUTS}.")
+
+
 @flax.struct.dataclass
 class Diffusion:
   """Coefficients of a discrete Gaussian diffusion chain; every array is [T] float32."""

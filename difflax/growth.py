@@ -20,7 +20,7 @@ Contract (pure functions):
 
 The train loop (`train.py`) asks `next_state` after every step; when it changes, it builds the
 new architecture, runs `grow_state`, re-jits and continues. Forward process (Sec. 3.1):
-`stage_view(config, gs)` is the map from full-resolution arrays to the stage's resolution: with
+`stage_view(config, gs)` maps full-resolution arrays to the stage's resolution (`StageView`): with
 `growth.forward="full_res"` the noisy sample and the noise target are made at full resolution and
 sub-sampled (strided, so the noise stays i.i.d. unit-variance and the stage sees a valid DDPM);
 with "stage_res" the clean image is area-downsampled and noised at the stage resolution.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -142,23 +142,35 @@ def model_kwargs(config, gs: GrowthState) -> dict:
   return {"skip_levels": skip, "fade": gs.fading}
 
 
-def stage_view(config, gs: GrowthState):
-  """None at full resolution, else the full -> stage resolution map for the stage's forward
-  process (see module doc): ("subsample" | "average", factor)."""
+@dataclasses.dataclass(frozen=True)
+class StageView:
+  """How a growth stage sees full-resolution arrays (Pro-DDPM Sec. 3.1), as functions of
+  x: [B, H, W, C] -> [B, H/f, W/f, C] (identities at full resolution):
+    data: applied to the clean batch before the objective (area averages for
+      `growth.forward="stage_res"`: the stage noises its own low-resolution images);
+    objective: None, or applied by the objective to x0 and to the noise drawn at full resolution
+      (strided sub-sampling for "full_res": x_t and the target, linear in both, follow);
+    to_stage: the stage's view of a clean image (its bits/dim are at its resolution)."""
+  data: Callable
+  objective: Optional[Callable]
+  to_stage: Callable
+
+
+def subsample(x, f: int):
+  """Every f-th pixel, offset f // 2: i.i.d. unit noise stays i.i.d. unit noise."""
+  return x[:, f // 2::f, f // 2::f]
+
+
+def stage_view(config, gs: GrowthState) -> StageView:
+  """The `StageView` of growth stage `gs` (full resolution: identities)."""
   f = config.data.resolution // resolution(config, gs)
   if f == 1:
-    return None
-  return ("subsample" if config.growth.forward == "full_res" else "average", f)
-
-
-def apply_view(view, x):
-  """x: [B, H, W, C] -> [B, H/f, W/f, C] by strided sub-sampling or f x f block averages."""
-  if view is None:
-    return x
-  kind, f = view
-  if kind == "subsample":
-    return x[:, f // 2::f, f // 2::f]
-  return images.block_average(x, f)
+    return StageView(lambda x: x, None, lambda x: x)
+  if config.growth.forward == "full_res":
+    sub = lambda x: subsample(x, f)
+    return StageView(lambda x: x, sub, sub)
+  area = lambda x: images.block_average(x, f)
+  return StageView(area, None, area)
 
 
 def current_fade(config, gs: GrowthState, step):

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from difflax import cascade
+from difflax import conditioning
 from difflax import experiment
 from difflax import fileio
 from difflax import images as images_lib
@@ -56,11 +57,12 @@ class Stage:
           truncate_level=truncate_level)
     return self._fns[truncate_level]
 
-  def generate(self, key, num: int, batch_size: int, cond: Optional[dict] = None,
+  def generate(self, key, num: int, batch_size: int,
+               inputs: Optional[conditioning.ModelInputs] = None,
                truncate_level: int = 0) -> np.ndarray:
     """[num, R, R, C] float samples in [-1, 1]."""
     return sampling.generate(self.exp, self.sample_fn(truncate_level), self.params, key, num,
-                             batch_size, cond=cond, as_uint8=False)[0]
+                             batch_size, inputs=inputs, as_uint8=False)[0]
 
 
 def load_stages(config, workdir: str) -> list[Stage]:
@@ -88,13 +90,14 @@ def run_pipeline(stages: list[Stage], key, num: int, batch_size: int,
     truncated = cfg.aug == "gaussian" and cfg.sample_mode == "truncated" and cfg.sample_level > 0
     if truncated:
       low = stages[i - 1].generate(jax.random.fold_in(key, i - 1), num, batch_size,
-                                   cond=conds[i - 1], truncate_level=cfg.sample_level)
+                                   inputs=conds[i - 1], truncate_level=cfg.sample_level)
     else:
       low = np.clip(outs[-1], -1.0, 1.0)
-    cond = jax.device_get(cascade.sampling_condition(
-        jax.random.fold_in(k, 7), jnp.asarray(low), cfg, already_at_level=truncated))
-    outs.append(st.generate(k, num, batch_size, cond=cond))
-    conds.append(cond)
+    inputs = jax.device_get(conditioning.for_sampling(
+        st.config, st.exp.growth_state, jax.random.fold_in(k, 7), num, jnp.asarray(low),
+        already_at_level=truncated, cond=cfg))
+    outs.append(st.generate(k, num, batch_size, inputs=inputs))
+    conds.append(inputs)
   return outs, conds
 
 
@@ -123,7 +126,7 @@ def sample(config, workdir: str) -> dict:
                         images_lib.make_grid(images_lib.to_uint8(outs[0])))
     for st, out, cond in zip(stages[1:], outs[1:], conds[1:]):
       fileio.save_png(os.path.join(out_dir, f"{st.name}.png"),
-                          images_lib.make_pair_grid(np.asarray(cond["low_res"]), out))
+                          images_lib.make_pair_grid(np.asarray(cond.low_res), out))
   for st in stages:
     st.exp.close()
   logging.info("Cascade samples: %s", result)

@@ -1,12 +1,14 @@
 """Sampling a trained state: jitted, mesh-sharded sample functions and resumable sample runs.
 
 Contract: `make_sample_fn(exp, method, respacing, ...)` returns a jitted
-`(params, key, labels: [B], cond: dict) -> images [B, H, W, C]` built from the pure samplers in
-`samplers.py` (no sampler math here); `generate(exp, sample_fn, params, key, num, batch_size)`
-draws `num` images in mesh-sharded batches, batch i from `fold_in(key, i)`, optionally as atomic
+`(params, key, labels: [B], inputs: ModelInputs | None, x0_surrogate: [B, H, W, C] | None) ->
+images [B, H, W, C]` over the process's sampler (no sampler math here);
+`generate(exp, sample_fn, params, key, num, batch_size, inputs=None, x0_surrogate=None)` draws
+`num` images in mesh-sharded batches, batch i from `fold_in(key, i)`, optionally as atomic
 per-batch shards on disk that an interrupted run reloads instead of resampling;
-`model_conditions(exp, num, key, step)` builds the per-sample inputs a model needs outside a
-cascade pipeline (an SR stage's conditioning from eval images, a fading growth stage's weight).
+`model_conditions(exp, num, key, step)` builds the per-sample `conditioning.ModelInputs` a model
+needs outside a cascade pipeline (an SR stage's conditioning from eval images, a fading growth
+stage's weight).
 `sample(config, workdir)` is `--mode=sample`: the latest checkpoint's EMA params ->
 `config.sample.num` images as a PNG grid and an `.npz` of uint8, under a tag naming everything
 that changes the images. With `sample.surrogate` (an `.npz` of images or another workdir) the
@@ -24,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax import cascade
+from difflax import conditioning
 from difflax import config as config_lib
 from difflax import data as data_lib
 from difflax import experiment
 from difflax import fileio
-from difflax import growth
 from difflax import images as images_lib
 from difflax import models
 from difflax import parallel
@@ -50,11 +51,12 @@ def class_labels(config, n: int, offset: int = 0) -> np.ndarray:
 def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta: float = 0.0,
                    guidance: float = 0.0, clip_denoised: bool = True, truncate_level: int = 0,
                    surrogate_t_mid: Optional[int] = None):
-  """Jitted `(params, key, labels: [B], cond: dict) -> images [B, H, W, C]`, sharded over the
-  batch axes. `cond` is {} or per-sample model inputs (`model_conditions`, a cascade stage's).
+  """Jitted `(params, key, labels: [B], inputs, x0_surrogate) -> images [B, H, W, C]`, sharded
+  over the batch axes. `inputs` is None or per-sample `conditioning.ModelInputs`
+  (`model_conditions`, a cascade stage's); `x0_surrogate` the surrogate start's images or None.
 
   The reverse process is the experiment's process's (`Process.sampler`: method, respacing,
-  truncation at a cascade level, a surrogate start from `cond["x0_surrogate"]`); this function
+  truncation at a cascade level, a surrogate start from `x0_surrogate`); this function
   adds the conditioning, classifier-free guidance, the params and the mesh. The samplers are
   mesh-free; the sharding constraint on x inside the denoiser is what spreads the batch over
   devices.
@@ -67,16 +69,14 @@ def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta:
   shape_hw = (exp.resolution, exp.resolution, c.data.channels)
   sharding = exp.batch_sharding
 
-  def sample_fn(params, key, labels, cond):
-    cond = dict(cond)
-    x0_surrogate = cond.pop("x0_surrogate", None)
+  def sample_fn(params, key, labels, inputs, x0_surrogate):
+    inputs = inputs or conditioning.ModelInputs()
 
     def apply(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
       # Guidance doubles the batch; the conditioning image goes with both halves.
-      reps = x.shape[0] // labels.shape[0]
-      kw = {k: jnp.concatenate([v] * reps) if reps > 1 else v for k, v in cond.items()}
-      return model_apply(params, x, t, y=y if num_classes else None, **kw)
+      both = inputs.tile(x.shape[0] // labels.shape[0])
+      return model_apply(params, x, t, **both.replace(labels=y if num_classes else None).kwargs())
     if num_classes and guidance:
       denoise = samplers.classifier_free_guidance(apply, labels, num_classes, guidance,
                                                   c.data.channels)
@@ -84,8 +84,8 @@ def make_sample_fn(exp: experiment.Experiment, method: str, respacing: Any, eta:
       denoise = lambda x, t: apply(x, t, labels)
     return run(denoise, (labels.shape[0],) + shape_hw, key, x0_surrogate=x0_surrogate)
 
-  return jax.jit(sample_fn, in_shardings=(exp.shardings.params, None, sharding, sharding),
-                 out_shardings=sharding)
+  return jax.jit(sample_fn, in_shardings=(exp.shardings.params, None, sharding, sharding,
+                                          sharding), out_shardings=sharding)
 
 
 def surrogate_images(source: str, num: int, resolution: int, channels: int,
@@ -112,7 +112,7 @@ def surrogate_images(source: str, num: int, resolution: int, channels: int,
     fn = make_sample_fn(exp, s.sampler, s.steps, s.eta, s.guidance, s.clip_denoised)
     key = jax.random.key(seed)
     x, _ = generate(exp, fn, state.ema_params if s.use_ema else state.params, key, num,
-                    s.batch_size, cond=model_conditions(exp, num, key), as_uint8=False)
+                    s.batch_size, inputs=model_conditions(exp, num, key), as_uint8=False)
     exp.close()
     logging.info("Surrogate: %d samples of %s (%dx%d).", len(x), source, x.shape[1], x.shape[2])
   if len(x) < num or x.ndim != 4 or x.shape[-1] != channels:
@@ -125,29 +125,25 @@ def surrogate_images(source: str, num: int, resolution: int, channels: int,
 
 
 def model_conditions(exp: experiment.Experiment, num: int, key,
-                     step: Optional[int] = None) -> Optional[dict]:
+                     step: Optional[int] = None) -> Optional[conditioning.ModelInputs]:
   """Per-sample model inputs for sampling outside a cascade pipeline (previews, evals), or None:
   an SR stage's conditioning built from `num` eval-split examples (box-downsampled, augmented as
   at sampling), and a fading growth stage's fade weight at `step`."""
-  c = exp.config
-  cond = {}
+  c, low = exp.config, None
+  if not (c.data.low_res or exp.growth_state.fading):
+    return None
   if c.data.low_res:
     images = data_lib.sample_array(c.data, num, c.seed, c.data.eval_split)
-    low = images_lib.block_average(images, images.shape[1] // c.data.low_res)
-    cond.update(jax.device_get(cascade.sampling_condition(key, jnp.asarray(low), c.cond)))
-  if exp.growth_state.fading:
-    gs = exp.growth_state
-    lam = growth.current_fade(c, gs, gs.stage_start if step is None else step)
-    cond["fade_weight"] = np.full((num,), float(lam), np.float32)
-  return cond or None
+    low = jnp.asarray(images_lib.block_average(images, images.shape[1] // c.data.low_res))
+  return jax.device_get(conditioning.for_sampling(c, exp.growth_state, key, num, low, step))
 
 
 def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch_size: int,
-             shard_dir: Optional[str] = None, cond: Optional[dict] = None,
-             as_uint8: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             shard_dir: Optional[str] = None, inputs: Optional[conditioning.ModelInputs] = None,
+             as_uint8: bool = True, x0_surrogate=None) -> tuple[np.ndarray, np.ndarray]:
   """`num` uint8 images [num, H, W, C] (float32 as sampled with `as_uint8=False`) and their
-  labels, in mesh-sharded batches of `batch_size`. `cond`: per-sample conditioning arrays
-  [num, ...], batched alongside.
+  labels, in mesh-sharded batches of `batch_size`. `inputs` (per-sample `ModelInputs`) and
+  `x0_surrogate` ([num, H, W, C]) are batched alongside.
 
   Batch i uses `fold_in(key, i)`, so it does not depend on what ran before. With `shard_dir`,
   each batch is written there as `shard_XXXXX.npz` and batches already on disk are loaded instead
@@ -168,10 +164,10 @@ def generate(exp: experiment.Experiment, sample_fn, params, key, num: int, batch
       continue
     labels = class_labels(exp.config, batch_size, i * batch_size)
     rows = np.arange(i * batch_size, (i + 1) * batch_size) % num  # The last batch wraps.
-    batch_cond = {k: jax.device_put(np.asarray(v)[rows], exp.batch_sharding)
-                  for k, v in (cond or {}).items()}
+    put = lambda tree: jax.device_put(
+        jax.tree_util.tree_map(lambda v: np.asarray(v)[rows], tree), exp.batch_sharding)
     x = sample_fn(params, jax.random.fold_in(key, i),
-                  jax.device_put(labels, exp.batch_sharding), batch_cond)
+                  jax.device_put(labels, exp.batch_sharding), put(inputs), put(x0_surrogate))
     x = parallel.to_host(x)
     if not np.all(np.isfinite(x)):  # uint8 would hide NaN as black pixels; stop like a NaN loss.
       raise FloatingPointError(
@@ -201,13 +197,12 @@ def sample(config, workdir: str) -> dict:
   exp, state = experiment.restore_trained(config, workdir)
   c = config.sample
   step = int(jax.device_get(state.step))
-  cond = model_conditions(exp, c.num, jax.random.key(c.seed), step)
-  t_mid = None
+  inputs = model_conditions(exp, c.num, jax.random.key(c.seed), step)
+  t_mid = surrogate = None
   if c.surrogate:
     t_mid = c.surrogate_t_mid
     surrogate = surrogate_images(c.surrogate, c.num, config.data.resolution,
                                  config.data.channels, c.seed + 1)
-    cond = dict(cond or {}, x0_surrogate=surrogate)
   fn = make_sample_fn(exp, c.sampler, c.steps, c.eta, c.guidance, c.clip_denoised,
                       surrogate_t_mid=t_mid)
   params = state.ema_params if c.use_ema else state.params
@@ -221,7 +216,8 @@ def sample(config, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "samples")
   t0 = time.perf_counter()
   imgs, labels = generate(exp, fn, params, jax.random.key(c.seed), c.num, c.batch_size,
-                          shard_dir=os.path.join(out_dir, tag), cond=cond)
+                          shard_dir=os.path.join(out_dir, tag), inputs=inputs,
+                          x0_surrogate=surrogate)
   secs = time.perf_counter() - t0
   result = {"num": int(len(imgs)), "seconds": secs, "step": step}
   if t_mid is not None:

@@ -31,12 +31,21 @@ class TrainState:
   resampler: Any = None  # losses.resampler_init(...) or None.
 
 
+def validate(config) -> None:
+  """Raises ValueError on a `config.optim` that cannot run with `config.data`'s batch."""
+  o = config.optim
+  if o.name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name={o.name!r}; valid: {sorted(OPTIMIZERS)}.")
+  if o.grad_accum < 1 or config.data.batch_size % o.grad_accum:
+    raise ValueError(f"config.optim.grad_accum={o.grad_accum} must be >= 1 and divide "
+                     f"config.data.batch_size={config.data.batch_size}.")
+
+
 def make_optimizer(optim_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam / AdamW with linear warmup to a constant lr and optional global-norm clipping."""
+  """Adam / AdamW with linear warmup to a constant lr and optional global-norm clipping (the
+  config is checked by `validate`)."""
   c = optim_config
   schedule = optax.linear_schedule(0.0, c.lr, max(int(c.warmup_steps), 1))
-  if c.name not in OPTIMIZERS:
-    raise ValueError(f"config.optim.name={c.name!r}; valid: {sorted(OPTIMIZERS)}.")
   kwargs = {"weight_decay": c.weight_decay} if c.name == "adamw" else {}
   opt = OPTIMIZERS[c.name](schedule, b1=c.b1, b2=c.b2, eps=c.eps, **kwargs)
   if c.grad_clip and c.grad_clip > 0:

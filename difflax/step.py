@@ -5,18 +5,17 @@ unjitted, for an `experiment.Experiment` (its model, process and objective, opti
 learning-rate schedule, config, `keys["step"]` and growth state);
 `experiment.jit_train_step(exp)` jits it once per architecture with shardings and donated state.
 The objective is the process's (`difflax.processes`: DDPM, Chen's continuous time, NCSN score
-matching, flow matching), so this one step serves every process. Per-step
-randomness (timesteps / noise levels, noise, dropout, label dropout, a cascade SR stage's
-conditioning augmentation of `batch["low_res"]`) is
-`fold_in(base_key, state.step)`, so the step is a function of (state, batch)
-alone. `objective.draw` draws the whole batch's timesteps and noise first (importance-sampled
-from `state.resampler` when it holds a loss history, whose update with the batch's losses happens
-inside the step), then the loss and gradient are taken in one pass or in `optim.grad_accum`
-micro-batches (`_accumulate`, same result). Metrics are batch means: loss (importance-weighted
-when sampling by importance; `loss_unweighted` beside it), mse and/or vb (bits/dim), grad_norm,
-lr, and IWDiff's `iwdiff_max_weight`. A progressive
-growth stage (`growth_state`) trains at its resolution through `growth.stage_view` and feeds the
-fade weight of Eq. 13 at `state.step` while its new level fades in.
+matching, flow matching) and the network's other inputs are `conditioning.for_training`'s
+(labels with classifier-free guidance's dropout, a cascade SR stage's augmented `low_res`, a
+fading growth stage's lambda), so this one step serves every process and configuration.
+Per-step randomness is `fold_in(base_key, state.step)`, so the step is a function of (state,
+batch) alone. `objective.draw` draws the whole batch's timesteps and noise first
+(importance-sampled from `state.resampler` when it holds a loss history, whose update with the
+batch's losses happens inside the step), then the loss and gradient are taken in one pass or in
+`optim.grad_accum` micro-batches (`_accumulate`, same result). Metrics are batch means: loss
+(importance-weighted when sampling by importance; `loss_unweighted` beside it), mse and/or vb
+(bits/dim), grad_norm, lr, IWDiff's `iwdiff_max_weight` and a fading stage's `fade_weight`. A
+progressive growth stage trains at its resolution through `growth.stage_view`.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from difflax import cascade
+from difflax import conditioning
 from difflax import growth
 from difflax import losses
 from difflax import models
@@ -37,46 +36,31 @@ def make_train_step(exp):
   apply = models.make_apply(exp.model, exp.process)
   base_key, lr_schedule, gs = exp.keys["step"], exp.lr_schedule, exp.growth_state
   view = growth.stage_view(config, gs)
-  num_classes = config.data.num_classes if config.model.class_conditional else 0
   accum = int(config.optim.grad_accum)
   extra_updates = int(config.loss.resampler_extra_updates)
 
   def train_step(state: state_lib.TrainState, batch: dict):
-    x0 = batch["image"]
-    obj_view = None
-    if view is not None and view[0] == "average":  # growth.forward="stage_res"
-      x0 = growth.apply_view(view, x0)
-    elif view is not None:                        # growth.forward="full_res"
-      obj_view = lambda a: growth.apply_view(view, a)
-    fade = {"fade_weight": growth.current_fade(config, gs, state.step)} if gs.fading else {}
+    x0 = view.data(batch["image"])
     key = jax.random.fold_in(base_key, state.step)
     k_obj, k_drop, k_label = jax.random.split(key, 3)
-    labels = None
-    if num_classes:
-      # Classifier-free guidance training: replace labels by the null id with prob p.
-      drop = jax.random.bernoulli(k_label, config.model.label_dropout, (x0.shape[0],))
-      labels = jnp.where(drop, num_classes, batch["label"])
-    cond = {}
-    if "low_res" in batch:  # Cascade SR stage: augmented low-res input and its level (CDM).
-      low_res, level = cascade.augment_condition(jax.random.fold_in(key, 3), batch["low_res"],
-                                                 config)
-      cond = {"low_res": low_res, "aug_level": level}
+    inputs = conditioning.for_training(config, gs, batch, state.step, k_label,
+                                       jax.random.fold_in(key, 3))
 
     draw = objective.draw(k_obj, x0, state.resampler)
 
-    def loss_fn(params, x0, draw, labels, cond, k_drop):
+    def loss_fn(params, x0, draw, inputs, k_drop):
       def denoise_fn(x_t, t_model):
-        return apply(params, x_t, t_model, y=labels, train=True, rngs={"dropout": k_drop},
-                     **cond, **fade)
-      terms = objective.terms(denoise_fn, x0, draw, view=obj_view)
+        return apply(params, x_t, t_model, train=True, rngs={"dropout": k_drop},
+                     **inputs.kwargs())
+      terms = objective.terms(denoise_fn, x0, draw, view=view.objective)
       return jnp.mean(terms["loss"] * draw["weight"]), terms
 
-    inputs = (x0, draw, labels, cond)
+    per_example = (x0, draw, inputs)
     if accum == 1:
-      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *inputs,
-                                                                       k_drop)
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, *per_example, k_drop)
     else:
-      (loss, terms), grads = _accumulate(loss_fn, state.params, inputs, k_drop, accum)
+      (loss, terms), grads = _accumulate(loss_fn, state.params, per_example, k_drop, accum)
     resampler = state.resampler
     if resampler is not None:
       # improved-DDPM updates the history with the unweighted losses of the whole global batch.
@@ -86,7 +70,7 @@ def make_train_step(exp):
         # Table 4.4's "Importance Sampling +2": forward passes only. The paper does not say how
         # their t are drawn; uniform t refreshes the timesteps p_t rarely visits.
         extra = objective.draw(jax.random.fold_in(k_obj, j + 1), x0)
-        extra_terms = loss_fn(state.params, x0, extra, labels, cond, k_drop)[1]
+        extra_terms = loss_fn(state.params, x0, extra, inputs, k_drop)[1]
         resampler = losses.resampler_update(resampler, extra["t"], extra_terms["loss"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -102,7 +86,7 @@ def make_train_step(exp):
     if resampler is not None:
       metrics["loss_unweighted"] = terms["loss"].mean()
     if gs.fading:
-      metrics["fade_weight"] = fade["fade_weight"]
+      metrics["fade_weight"] = inputs.fade_weight[0]
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state, resampler=resampler)
     return new_state, metrics

@@ -129,10 +129,10 @@ class Phase:
 
   def preview(self, state, step: int, writer) -> None:
     c, exp = self.exp.config, self.exp
-    cond = sampling.model_conditions(exp, c.train.preview_num, exp.keys["preview"], step)
+    inputs = sampling.model_conditions(exp, c.train.preview_num, exp.keys["preview"], step)
     imgs, _ = sampling.generate(exp, self.preview_fn, state.ema_params, exp.keys["preview"],
-                                c.train.preview_num, c.train.preview_num, cond=cond)
-    write_grid(exp, imgs, cond, step, writer)
+                                c.train.preview_num, c.train.preview_num, inputs=inputs)
+    write_grid(exp, imgs, inputs, step, writer)
 
   def evaluate(self, state, step: int, writer, meta: dict) -> dict:
     result = self.evaluator(state.ema_params, step)
@@ -142,10 +142,10 @@ class Phase:
     return result
 
 
-def write_grid(exp: experiment.Experiment, imgs, cond, step: int, writer) -> None:
+def write_grid(exp: experiment.Experiment, imgs, inputs, step: int, writer) -> None:
   """samples/step_<N>.png (an SR stage's: conditioning beside output) and the writer's image."""
-  grid = (images_lib.make_pair_grid(cond["low_res"], imgs) if cond and "low_res" in cond
-          else images_lib.make_grid(imgs))
+  low = inputs.low_res[:len(imgs)] if inputs is not None and inputs.low_res is not None else None
+  grid = images_lib.make_grid(imgs) if low is None else images_lib.make_pair_grid(low, imgs)
   if jax.process_index() == 0:
     fileio.save_png(os.path.join(exp.workdir, "samples", f"step_{step:06d}.png"), grid)
   writer.write_images(step, {"samples": grid[None]})
@@ -160,11 +160,11 @@ def final_quality(exp: experiment.Experiment, preview_fn, state, step: int, writ
   c = exp.config
   fn = preview_fn or sampling.make_sample_fn(exp, c.train.preview_sampler, c.train.preview_steps)
   n, key = c.eval.quality_samples, exp.keys["eval"]
-  cond = sampling.model_conditions(exp, n, key, step)
-  imgs, _ = sampling.generate(exp, fn, state.ema_params, key, n, c.sample.batch_size, cond=cond)
+  inputs = sampling.model_conditions(exp, n, key, step)
+  imgs, _ = sampling.generate(exp, fn, state.ema_params, key, n, c.sample.batch_size,
+                              inputs=inputs)
   if c.train.preview_every:  # The final preview (the loop leaves it to these samples).
-    k = min(n, c.train.preview_num)
-    write_grid(exp, imgs[:k], cond and {name: v[:k] for name, v in cond.items()}, step, writer)
+    write_grid(exp, imgs[:min(n, c.train.preview_num)], inputs, step, writer)
   result = quality.report(c, imgs, exp.mesh, f"samples at step {step}")
   writer.write_scalars(step, {f"quality_{k}": v for k, v in result.items()
                               if isinstance(v, float)})

@@ -10,7 +10,8 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # Pure math (DESIGN.md's layers): may import each other and leaf helpers, never what runs a loop.
 PURE = ("schedules", "noise_scales", "diffusion", "losses", "samplers", "cascade", "growth",
         "evaluation.metrics", "trees", "images", "processes", "processes.base",
-        "processes.discrete", "processes.continuous", "processes.ncsn", "processes.flow")
+        "processes.discrete", "processes.continuous", "processes.ncsn", "processes.flow",
+        "conditioning")
 # What runs a loop, or touches devices, files or the network: never reachable from pure math.
 ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main",
                  "data", "parallel", "fileio", "checkpoint", "writers", "folders", "sources",

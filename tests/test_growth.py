@@ -204,12 +204,19 @@ def test_schedule_budget_plateau_and_fade_boundaries():
 
 def test_forward_process_views_and_config_errors():
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
-  np.testing.assert_array_equal(growth.apply_view(("subsample", 2), x)[0, :, :, 0],
-                                [[5, 7], [13, 15]])
-  np.testing.assert_array_equal(growth.apply_view(("average", 2), x)[0, :, :, 0],
-                                [[2.5, 4.5], [10.5, 12.5]])
+  c = load_config("progressive_cifar10", "")  # 8 -> 16 -> 32.
+  gs = growth.GrowthState(stage=1)
+  full = growth.stage_view(c, gs)
+  np.testing.assert_array_equal(full.objective(x)[0, :, :, 0], [[5, 7], [13, 15]])
+  assert full.data(x) is x and full.to_stage is full.objective
+  c.growth.forward = "stage_res"
+  area = growth.stage_view(c, gs)
+  np.testing.assert_array_equal(area.data(x)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+  assert area.objective is None and area.to_stage is area.data
+  top = growth.stage_view(c, growth.GrowthState(stage=2))
+  assert top.data(x) is x and top.objective is None
   # Sub-sampled i.i.d. unit noise stays i.i.d. unit noise: the stage sees a valid DDPM.
-  z = growth.apply_view(("subsample", 4), jax.random.normal(jax.random.key(0), (64, 32, 32, 1)))
+  z = growth.subsample(jax.random.normal(jax.random.key(0), (64, 32, 32, 1)), 4)
   assert abs(float(z.std()) - 1) < 0.02
   for field, value, match in (("resolutions", (8, 32), "doubling"),
                               ("resolutions", (8, 16), "ends at 16"),

@@ -144,3 +144,19 @@ def test_patch_size_runs_the_unet_on_folded_patches():
   assert float(jnp.abs(out2[:, 0::2, 0::2]).min()) > 0.0
   with pytest.raises(ValueError, match="patch_size"):
     m.init(jax.random.key(0), jnp.zeros((1, 7, 7, 3)), jnp.array([0]))
+
+
+def test_every_model_key_reaches_the_module_and_a_stray_one_is_refused():
+  """`build_model` passes `config.model` through (no hand-copied field list to forget)."""
+  import ml_collections
+  from conftest import load_config
+  c = load_config("dgm_cifar10", "tiny")
+  m = models.build_model(c)
+  for k, v in c.model.items():
+    if k not in models.TRAINING_KEYS and k != "dtype":
+      assert getattr(m, k) == (tuple(v) if isinstance(v, (list, tuple)) else v), k
+  assert m.dtype == jnp.float32
+  unlocked = ml_collections.ConfigDict(c.to_dict())
+  unlocked.model.widht = 3
+  with pytest.raises(ValueError, match="config.model.widht is not a field of UNet"):
+    models.build_model(unlocked)

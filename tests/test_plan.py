@@ -163,9 +163,15 @@ def test_a_program_over_memory_gets_a_verdict_and_the_lever_that_fits(tmp_path, 
   assert row["verdict"].endswith(f"fits with optim.grad_accum=2 "
                                  f"({accum['total'] / 2 ** 20:.3g} MiB)"), row["verdict"]
   assert "do not fit as configured" in plan.describe(result)
-  # Nothing fits a device this small: the verdict says to take a larger slice.
-  tiny = plan.plan(c, str(tmp_path), "local", hbm_gib=1e-6)
-  assert by_program(tiny)["model", "train"]["verdict"].endswith("use a larger slice")
+  # When no lever fits, the verdict names the lowest setting tried and a larger slice (the
+  # search's end state, built from this row: a second search would only repeat the compiles).
+  spent = dict(row, tried=[dict(t, fits=False) for t in row["tried"]])
+  verdict = plan._verdict(spent, None)
+  low = min(spent["tried"], key=lambda t: t["total_gib"])
+  assert verdict.endswith("use a larger slice") and f"tried {len(tried)} lever" in verdict
+  assert ", ".join(f"{k}={v}" for k, v in low["changes"].items()) in verdict, verdict
+  assert plan._verdict(dict(row, tried=[]), None).endswith("no lever left to try: use a "
+                                                           "larger slice")
 
 
 def test_a_compile_refused_for_memory_is_an_over_verdict(tmp_path, local, monkeypatch):

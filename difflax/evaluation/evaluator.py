@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from difflax import cascade
+from difflax import conditioning
 from difflax import data as data_lib
 from difflax import experiment
 from difflax import fileio
@@ -53,16 +53,15 @@ def make_bpd_fn(exp: experiment.Experiment):
   gs = exp.growth_state
 
   def bpd_fn(params, x0, labels, key, low_res):
-    x0 = growth.apply_view(view, x0)  # A growth stage's likelihood is at its resolution.
-    cond = {}
-    if gs.fading:  # Mid-fade evals measure the network at its fade-in start.
-      cond["fade_weight"] = growth.current_fade(c, gs, gs.stage_start)
-    if low_res is not None:  # SR stage: conditioned as at sampling (cond.sample_level).
-      cond.update(cascade.sampling_condition(jax.random.fold_in(key, 1), low_res, c.cond))
+    x0 = view.to_stage(x0)  # A growth stage's likelihood is at its resolution.
+    # As at sampling: an SR stage conditioned at cond.sample_level, a mid-fade network at its
+    # fade-in start.
+    inputs = conditioning.for_sampling(c, gs, jax.random.fold_in(key, 1), x0.shape[0], low_res)
+    inputs = inputs.replace(labels=labels if c.model.class_conditional else None)
 
     def denoise(x, t):
       x = jax.lax.with_sharding_constraint(x, exp.batch_sharding)
-      return model_apply(params, x, t, y=labels if c.model.class_conditional else None, **cond)
+      return model_apply(params, x, t, **inputs.kwargs())
     out = exp.process.bits_per_dim(denoise, x0, key)
     return {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
             "decoder_bpd": out["vb"][:, 0]}
@@ -163,9 +162,9 @@ class Evaluator:
       result.update(eval_bpd(self.exp, params, self.bpd_fn))
     if self.spaces:
       key = self.exp.keys["eval"]
-      cond = sampling.model_conditions(self.exp, c.eval.num_samples, key, step)
+      inputs = sampling.model_conditions(self.exp, c.eval.num_samples, key, step)
       imgs, _ = sampling.generate(self.exp, self.sample_fn, params, key, c.eval.num_samples,
-                                  c.sample.batch_size, cond=cond)
+                                  c.sample.batch_size, inputs=inputs)
       for space in self.spaces:
         result.update(space.metrics(imgs, c.eval.precision_recall_k, self.exp.mesh))
       result.update(num_samples=int(len(imgs)),

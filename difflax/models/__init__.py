@@ -7,6 +7,8 @@ cannot disagree with itself.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from difflax import growth
@@ -17,9 +19,10 @@ MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def validate(model_config) -> None:
-  """Raises ValueError naming the valid values of `config.model.name / dtype / remat`."""
-  m = model_config
+def validate(config) -> None:
+  """Raises ValueError on a `config.model` that cannot be built: an unknown name / dtype /
+  remat (naming the valid values), or a geometry that does not fit `config.data`."""
+  m = config.model
   if m.name not in MODELS:
     raise ValueError(f"Unknown model {m.name!r}; valid names: {sorted(MODELS)}.")
   if m.dtype not in DTYPES:
@@ -28,25 +31,49 @@ def validate(model_config) -> None:
     raise ValueError(f"Unknown model.remat {m.remat!r}; valid: {sorted(layers.REMAT_POLICIES)} "
                      "(none: keep every activation; dots: keep conv / matmul outputs, recompute "
                      "the rest; full: recompute each block in the backward pass).")
+  levels, p, res = len(m.ch_mult), int(m.patch_size), config.data.resolution
+  if p < 1 or (p > 1 and growth.enabled(config)):
+    raise ValueError(f"config.model.patch_size={p}: it must be >= 1 and 1 with progressive "
+                     "growth (growth adds levels at the full resolution).")
+  if res % (p * 2 ** (levels - 1)):
+    raise ValueError(f"config.data.resolution={res} does not fit {levels} UNet levels "
+                     f"(ch_mult={tuple(m.ch_mult)}) on {p}x{p} patches: it must be divisible "
+                     f"by {p * 2 ** (levels - 1)}.")
+  level_res = {res // p // 2 ** i for i in range(levels)}
+  bad = [r for r in m.attn_resolutions if r not in level_res]
+  if bad:
+    raise ValueError(f"config.model.attn_resolutions={tuple(m.attn_resolutions)} names "
+                     f"resolutions {bad} that no level has at data.resolution={res}; levels "
+                     f"are at {sorted(level_res, reverse=True)}.")
+  if m.class_conditional and config.data.num_classes <= 0:
+    raise ValueError("model.class_conditional=True needs labels (data.num_classes > 0).")
+
+
+# `config.model` keys the training step reads (classifier-free guidance), not the network.
+TRAINING_KEYS = ("name", "class_conditional", "label_dropout")
 
 
 def build_model(config, growth_state=None):
-  """Module for `config.model` (name + hyperparameters) given the data / diffusion blocks; with
-  progressive growth, the architecture of `growth_state` (default: the first stage)."""
+  """Module for `config.model` given the data / diffusion blocks; with progressive growth, the
+  architecture of `growth_state` (default: the first stage). Every `config.model` key but
+  `TRAINING_KEYS` is a field of the registered module, passed as is (tuples as tuples, `dtype`
+  by name), so a new hyper-parameter is a module field plus its config default."""
   m = config.model
-  validate(m)
-  return MODELS[m.name](
-      ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-      attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
-      head_channels=m.head_channels, dropout=m.dropout,
-      use_scale_shift_norm=m.use_scale_shift_norm, num_groups=m.num_groups, block=m.block,
-      mbconv_expansion=m.mbconv_expansion, se_ratio=m.se_ratio,
-      learn_sigma=config.diffusion.var_type == "learned_range",
-      out_channels=config.data.channels,
-      num_classes=config.data.num_classes if m.class_conditional else 0,
-      aug_level_cond=config.cond.aug == "gaussian", project_downsample=m.project_downsample,
-      patch_size=m.patch_size, dtype=DTYPES[m.dtype], remat=m.remat,
-      **growth.model_kwargs(config, growth_state or growth.GrowthState()))
+  validate(config)
+  cls = MODELS[m.name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  own = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.items()
+         if k not in TRAINING_KEYS}
+  unknown = sorted(set(own) - fields)
+  if unknown:
+    raise ValueError(f"config.model.{unknown[0]} is not a field of {cls.__name__} "
+                     f"(its fields: {sorted(fields - {'parent', 'name'})}).")
+  own["dtype"] = DTYPES[m.dtype]
+  return cls(**own, learn_sigma=config.diffusion.var_type == "learned_range",
+             out_channels=config.data.channels,
+             num_classes=config.data.num_classes if m.class_conditional else 0,
+             aug_level_cond=config.cond.aug == "gaussian",
+             **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 
 def make_apply(model, process=None):

@@ -45,6 +45,9 @@ class DiscreteProcess(base.Process):
   def validate(cls, config) -> None:
     super().validate(config)
     d, s = config.diffusion, config.sample
+    if config.loss.type == "simple" and d.var_type == "learned_range":
+      raise ValueError("config.loss.type='simple' cannot learn variances; set "
+                       "config.loss.type='hybrid' or config.diffusion.var_type='fixed_small'.")
     if d.input_scale != 1.0 or d.normalize_input:
       raise ValueError("diffusion.input_scale / normalize_input apply to "
                        "diffusion.type='continuous' only.")
