@@ -7,8 +7,10 @@
   embedded_plain.png    the embedded dataset's two styles, 32x32, one row per class
   embedded_textured.png
 
-Figures that need a trained model come from the runs themselves: `main_job_pipeline.png` is the
-main command's `runs/cascade/pipeline/*/final.png`.
+Figures that need a trained model come from the runs themselves (copied here as they are):
+  main_job_pipeline.png  the main command's `runs/cascade/pipeline/*/final.png`
+  s_sweep.png            `--mode=sweep` on that workdir: `runs/cascade/sweep/sweep.png`
+  growth_vs_static.png   `python benchmarks/growth_convergence.py --out=growth_vs_static.png`
 """
 import argparse
 import os
