@@ -106,7 +106,10 @@ def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
     # One program at a time: a sharded leaf's sum is a collective across devices (and
     # processes), and XLA:CPU runs dispatched programs concurrently on its thread pool, where two
     # programs' collectives entered in different orders by different devices wait on each other
-    # forever (seen in-process with 8 devices; see also `parallel.any_process`).
+    # forever (seen in-process with 8 devices; see also `parallel.any_process`). Ordering them by
+    # data dependencies instead (each program taking the previous checksum through an
+    # optimization barrier) still deadlocks there: a device starts program i + 1 while others
+    # finish i. Hence one blocking round trip per leaf.
     out.append(jax.block_until_ready(_leaf_summary_jit(x)))
   out = jax.device_get(out)  # Scalars, replicated on every process.
   names = [trees.path_str(p) for p in paths]
