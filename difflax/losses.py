@@ -78,6 +78,16 @@ def uniform_times(key, batch_size: int):
   return jax.random.uniform(key, (batch_size,))
 
 
+def continuous_time_draw(lc):
+  """`build_objective`'s `draw_t` for times in [0, 1] under `config.loss` (`lc`): logit-normal
+  with `loss.timestep_sampler="logit_normal"`, else uniform; weights one."""
+  def draw_t(key, batch, resampler=None):
+    if lc.timestep_sampler == "logit_normal":
+      return logit_normal_times(key, batch, lc.logit_normal_mean, lc.logit_normal_std), None
+    return uniform_times(key, batch), None
+  return draw_t
+
+
 def sample_timesteps(key, batch_size: int, num_timesteps: int):
   """t ~ U{0, ..., T-1}: [B] int32."""
   return jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)

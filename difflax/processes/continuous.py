@@ -53,17 +53,11 @@ class ContinuousProcess(base.Process):
     c, lc = self.config.diffusion, self.config.loss
     gamma_fn = schedules.parse_gamma(c.gamma)
 
-    def draw_t(key, batch, resampler):
-      if lc.timestep_sampler == "logit_normal":
-        return losses.logit_normal_times(key, batch, lc.logit_normal_mean,
-                                         lc.logit_normal_std), None
-      return losses.uniform_times(key, batch), None
-
     def per_draw(denoise_fn, x0, t, noise):
       return losses.continuous_losses(gamma_fn, denoise_fn, x0, t, noise,
                                       model_output=c.model_output, input_scale=c.input_scale,
                                       time_input=c.time_input, min_snr_gamma=lc.min_snr_gamma)
-    return losses.build_objective(lc, draw_t, per_draw)
+    return losses.build_objective(lc, losses.continuous_time_draw(lc), per_draw)
 
   def model_input(self, x, t):
     if self.config.diffusion.normalize_input:

@@ -108,13 +108,7 @@ class FlowProcess(base.Process):
 
   def objective(self) -> losses.Objective:
     lc = self.config.loss
-
-    def draw_t(key, batch, resampler):
-      if lc.timestep_sampler == "logit_normal":
-        return losses.logit_normal_times(key, batch, lc.logit_normal_mean,
-                                         lc.logit_normal_std), None
-      return losses.uniform_times(key, batch), None
-    return losses.build_objective(lc, draw_t, flow_loss)
+    return losses.build_objective(lc, losses.continuous_time_draw(lc), flow_loss)
 
   def sampler(self, method: str, steps: Any, *, eta: float = 0.0, clip_denoised: bool = True,
               truncate_level: int = 0, surrogate_t_mid: Optional[int] = None) -> base.Run:
