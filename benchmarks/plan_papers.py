@@ -31,6 +31,7 @@ SLICES = {
     "ncsnv2_cifar10": ("v5e:2x2", []),        # batch 128
     "dgm_cifar10": ("v5e:2x2", []),           # batch 128
     "progressive_cifar10": ("v5e:2x2", []),   # batch 128, four growth levels
+    "flow_cifar10": ("v5e:2x2", []),          # batch 128, DDPM's UNet as a velocity model
     "chen_schedules": ("v5e:8x8", []),        # batch 1024 at 64x64: 16 per chip
     "cascade_32_64": ("v5e:16x16", []),       # batch 2048: 8 per chip
     "cascade_16_64": ("v5e:16x16", []),

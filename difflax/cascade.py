@@ -15,8 +15,8 @@ Stage configs (pure): a cascade config holds `cascade` (stage order, selection, 
 settings) and `stages.<name>`, each a complete single-model config whose SR stages set
 `data.low_res` to the previous stage's resolution. `stage_config` derives what a stage inherits
 (the Gaussian augmentation's forward process = the previous stage's diffusion); `validate` checks
-the chain. Training stages is the one train loop's job (`train.run`); sampling the pipeline and
-the s-sweep are `pipeline.py`'s.
+the chain. Training stages is the one train loop's job (`train.run`; their order is `modes`');
+sampling the pipeline and the s-sweep are `pipeline.py`'s.
 """
 from __future__ import annotations
 
@@ -201,6 +201,8 @@ def validate(config) -> None:
         raise ValueError(f"Stages {names[i - 1]!r} and {name!r} disagree on "
                          "model.class_conditional; the pipeline passes one label per sample "
                          "through every stage.")
+    if "cond" not in st:  # A resolved config keeps it only where data.low_res > 0.
+      continue
     if st.cond.aug not in AUGS:
       raise ValueError(f"{where}.cond.aug={st.cond.aug!r}; valid: {AUGS}.")
     if st.cond.sample_mode not in SAMPLE_MODES:

@@ -3,11 +3,14 @@
 Contract: `base_config()` returns an unlocked `ml_collections.ConfigDict` holding every key the
 framework reads, with CPU-scale defaults (the embedded dataset at 16x16, a ~0.6M-parameter UNet,
 1500 steps: a few minutes on 2 cores); config files (`difflax/configs/*.py`, `get_config(arg)`)
-start from it, change fields, and return it locked (`finalize`), so no new key can appear.
+start from it, change fields, and return `finalize(c)`: validated, the keys of features that are
+off dropped (`OPTIONAL`: the resolved config lists what the run uses) and locked, so no new key
+can appear.
 `load("cascade_32_64:tiny", overrides)` is the one loader (CLI, tests, notebooks, plots,
 benchmarks): a packaged config by name or any `get_config` file by path, a `:arg` suffix
 (presets and key=value pairs read by the file; `folder=` / `tfds=` by `sources`), then
-`--config.a.b=value` overrides parsed to the field's type, then `validate`. Every mistake a user
+`--config.a.b=value` overrides parsed to the field's type (`overrides.py`; an override that turns
+a feature on brings its keys back at their defaults), then `finalize`. Every mistake a user
 can make here raises `ConfigError` (a `ValueError`) with one line naming the field and the fix:
 an unknown key names its block, the closest key and the block's keys; an unknown preset lists
 the presets.
@@ -15,7 +18,6 @@ the presets.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import os
@@ -28,15 +30,13 @@ from difflax import diffusion
 from difflax import growth
 from difflax import losses
 from difflax import models
+from difflax import overrides as overrides_lib
 from difflax import processes
 from difflax import sources
 from difflax import state as state_lib
+from difflax.overrides import ConfigError, override
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-class ConfigError(ValueError):
-  """A config, preset or override that cannot work; the message says what to change."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -241,8 +241,80 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# ------------------------------------------------------------------------------ optional keys
+# Keys a run has only while their feature is on (a block name: the whole block). The resolved
+# config (`finalize`, `load`, config.json, --print_config) lists what the run uses; an override
+# that turns a feature on brings its keys back with their defaults, and an override of a key
+# whose feature stays off is an error naming the switch.
+OPTIONAL = (
+    ("growth", "growth.resolutions is set (progressive growth)",
+     lambda c: bool(c.growth.resolutions)),
+    *processes.OPTIONAL,  # Each process's own keys (NCSN's block, Chen's gamma and scaling).
+    ("cond", "data.low_res > 0 (a cascade's SR stage)", lambda c: c.data.low_res > 0),
+    ("loss.resampler_history loss.resampler_uniform_prob loss.resampler_extra_updates",
+     "loss.timestep_sampler='importance'", lambda c: c.loss.timestep_sampler == "importance"),
+    ("loss.logit_normal_mean loss.logit_normal_std", "loss.timestep_sampler='logit_normal'",
+     lambda c: c.loss.timestep_sampler == "logit_normal"),
+    ("loss.iwdiff_stop_gradient", "loss.iwdiff_k > 1", lambda c: c.loss.iwdiff_k > 1),
+    ("loss.vlb_weight", "loss.type='hybrid'", lambda c: c.loss.type == "hybrid"),
+    ("data.skip_bad_images data.background data.cache_dir data.eval_fraction",
+     "data.name='folder'", lambda c: c.data.name == "folder"),
+    ("data.num_examples data.embedded_style", "data.name='embedded'",
+     lambda c: c.data.name == "embedded"),
+    ("data.data_dir", "a TFDS data.name", lambda c: c.data.name not in ("embedded", "folder")),
+    ("model.mbconv_expansion model.se_ratio", "model.block='mbconv'",
+     lambda c: c.model.block == "mbconv"),
+    ("model.label_dropout", "model.class_conditional=True", lambda c: c.model.class_conditional),
+    ("eval.inception_weights", "eval.inception=True",
+     lambda c: c.eval.inception),
+    ("optim.weight_decay", "optim.name='adamw'", lambda c: c.optim.name == "adamw"),
+    ("mesh.fsdp_min_size", "mesh.fsdp > 1", lambda c: c.mesh.fsdp > 1),
+)
+
+
+def _paths(keys: str):
+  return [tuple(k.split(".")) for k in keys.split()]
+
+
+def _stages(c) -> list:
+  """The single-model configs inside `c` (a cascade's stages, or `c` itself)."""
+  return [c.stages[n] for n in c.stages] if cascade.is_cascade(c) else [c]
+
+
+def complete(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An unlocked copy of `c` with every optional key present (its default where `c` drops it):
+  what validation and overrides see."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  for st in _stages(c):
+    base = base_config()  # (A block is inserted whole: one fresh copy per stage.)
+    for keys, _, _ in OPTIONAL:
+      for path in _paths(keys):
+        node, ref = st, base
+        for k in path[:-1]:
+          node, ref = node[k], ref[k]
+        if path[-1] not in node:
+          node[path[-1]] = ref[path[-1]]
+  return c
+
+
+def prune(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Drops (in place) the optional keys of every feature that is off; returns `c`."""
+  for st in _stages(c):
+    off = [keys for keys, _, enabled in OPTIONAL if not enabled(st)]
+    for path in (p for keys in off for p in _paths(keys)):
+      node = st
+      for k in path[:-1]:
+        node = node[k]
+      if path[-1] in node:
+        del node[path[-1]]
+  return c
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config file's last line: validated, optional keys of features that are off dropped,
+  locked (no new key can appear)."""
   validate(c)
+  c = prune(complete(c))
   c.lock()
   return c
 
@@ -288,14 +360,30 @@ def load(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections
     raise ConfigError(f"{path} has no get_config(arg) function.")
   try:
     arg, source = sources.split_arg(arg)  # :folder= / :tfds=, for every config file.
-    c = module.get_config(arg)
+    c = complete(module.get_config(arg))
     sources.apply(c, source)
     for key, value in overrides:
       override(c, key, value)
-    validate(c)
+    c = finalize(c)
+    for key, _ in overrides:
+      _check_kept(c, key)
   except ValueError as e:  # Registries' own errors (unknown sampler, gamma spec) included.
     raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
   return c
+
+
+def _check_kept(c: ml_collections.ConfigDict, dotted: str) -> None:
+  """An override of an optional key that `finalize` dropped (its feature is off) is an error."""
+  path, node = dotted.split("."), c
+  for k in path:
+    if k not in node:
+      where = path[2:] if path[0] == "stages" else path
+      rel = ".".join(where)
+      switch = next(what for keys, what, _ in OPTIONAL for p in _paths(keys)
+                    if tuple(where[:len(p)]) == p)
+      raise ConfigError(f"--config.{dotted} has no effect here: config.{rel} is used only "
+                        f"when {switch}; set that too (or drop the override).")
+    node = node[k]
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
@@ -304,12 +392,12 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   if "stages" in values:
     raise ConfigError("This config.json is a cascade's; load one stage by sampling it to an "
                       ".npz (--mode=sample) instead.")
-  c = base_config()
+  c = base_config()  # Every key (optional ones at their defaults), then the recorded values.
 
   def merge(node, vals, where):
     for k, v in vals.items():
       if k not in node:
-        raise _unknown_key(node, k, where)
+        raise overrides_lib.unknown_key(node, k, where)
       if isinstance(node[k], ml_collections.ConfigDict):
         merge(node[k], v, f"{where}.{k}")
       else:
@@ -318,67 +406,10 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   return finalize(c)
 
 
-def _unknown_key(node: ml_collections.ConfigDict, key: str, where: str) -> ConfigError:
-  """Names the block, the closest valid key and the block's keys (`key` "" : a block itself)."""
-  keys = sorted(node.keys())
-  initials = lambda k: "".join(w[:1] for w in k.split("_"))  # learning_rate ~ lr
-  close = difflib.get_close_matches(key, keys, n=1) or [
-      k for k in keys if key and initials(key) in (k, initials(k))][:1]
-  hint = f" Did you mean {where}.{close[0]}?" if close else ""
-  what = f"Unknown config key {where}.{key}." if key else f"{where} is a block, not a value."
-  return ConfigError(f"{what}{hint} {where} has: {', '.join(keys)}.")
-
-
-def _parse_value(raw: str, old: Any, name: str):
-  """A command-line string as the type of the field it replaces."""
-  try:
-    if isinstance(old, bool):
-      low = raw.strip().lower()
-      if low not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError
-      return low in ("true", "1", "yes")
-    if isinstance(old, int):
-      value = float(raw) if any(ch in raw for ch in ".eE") else int(raw)
-      if value != int(value):
-        raise ValueError
-      return int(value)
-    if isinstance(old, float):
-      return float(raw)
-    if isinstance(old, (tuple, list)):
-      if not raw.strip() or raw.strip() in ("()", "[]"):
-        return ()
-      value = ast.literal_eval(raw if raw.strip()[0] in "([" else f"({raw},)")
-      return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if isinstance(old, str) or old is None:
-      return raw
-  except (ValueError, SyntaxError):
-    pass
-  raise ConfigError(f"--config.{name}={raw!r} is not a valid {type(old).__name__} "
-                    f"(current value {old!r}).")
-
-
-def override(c: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
-  """Sets config field `dotted` ("optim.lr", "stages.sr_64.train.num_steps") from a string."""
-  node, where = c, "config"
-  *blocks, field = dotted.split(".")
-  for b in blocks:
-    if b not in node or not isinstance(node[b], ml_collections.ConfigDict):
-      raise _unknown_key(node, b, where)
-    node, where = node[b], f"{where}.{b}"
-  if field not in node:
-    raise _unknown_key(node, field, where)
-  if isinstance(node[field], ml_collections.ConfigDict):
-    raise _unknown_key(node[field], "", f"{where}.{field}")
-  value = _parse_value(raw, node[field], dotted)
-  try:
-    node[field] = value
-  except TypeError as e:
-    raise ConfigError(f"--config.{dotted}={raw!r}: {e}") from e
-
-
 # ------------------------------------------------------------------------------ validation
 def validate(c: Any) -> None:
   """Raises ValueError on settings that cannot work together, saying what to change."""
+  c = complete(c)  # Optional keys at their defaults where the resolved config dropped them.
   if cascade.is_cascade(c):
     cascade.validate(c)
     names = cascade.stage_names(c)

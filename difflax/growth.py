@@ -127,7 +127,7 @@ class GrowthState:
 
 
 def enabled(config) -> bool:
-  return bool(config.growth.resolutions)
+  return "growth" in config and bool(config.growth.resolutions)
 
 
 def resolution(config, gs: GrowthState) -> int:

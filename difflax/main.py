@@ -23,12 +23,13 @@ from difflax import cli
 from difflax import config as config_lib
 from difflax import data
 from difflax import parallel
+from difflax import modes
 from difflax import train
 from difflax.evaluation import inception
 
 cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_string("mode", "train", f"What to do: {', '.join(train.MODES)} (sweep: a "
+flags.DEFINE_string("mode", "train", f"What to do: {', '.join(modes.MODES)} (sweep: a "
                     "cascade's augmentation-level sweep), or several in order in one process, "
                     "comma separated (train,sample).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -77,7 +78,7 @@ def main(argv):
              "(e.g. --workdir=runs/ddpm); rerunning with the same one resumes.")
   if FLAGS.dry_run:
     try:
-      print(train.check(config, FLAGS.workdir, FLAGS.mode))
+      print(modes.check(config, FLAGS.workdir, FLAGS.mode))
     except USER_ERRORS as e:
       cli.fail(" ".join(str(e).split("\n")))
     return

@@ -146,8 +146,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_config) -> Any:
 
   def rule(path, leaf):
     shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, partition_spec(trees.path_str(path), shape, fsdp,
-                                              int(mesh_config.fsdp_min_size)))
+    min_size = int(mesh_config.fsdp_min_size) if fsdp > 1 else 0  # (only kept with fsdp > 1)
+    return NamedSharding(mesh, partition_spec(trees.path_str(path), shape, fsdp, min_size))
   return jax.tree_util.tree_map_with_path(rule, abstract_state)
 
 

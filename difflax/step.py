@@ -37,7 +37,8 @@ def make_train_step(exp):
   base_key, lr_schedule, gs = exp.keys["step"], exp.lr_schedule, exp.growth_state
   view = growth.stage_view(config, gs)
   accum = int(config.optim.grad_accum)
-  extra_updates = int(config.loss.resampler_extra_updates)
+  extra_updates = (int(config.loss.resampler_extra_updates)
+                   if config.loss.timestep_sampler == "importance" else 0)
 
   def train_step(state: state_lib.TrainState, batch: dict):
     x0 = view.data(batch["image"])

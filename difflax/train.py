@@ -1,4 +1,4 @@
-"""The one training loop, and `run`, which dispatches a mode to its module.
+"""The one training loop.
 
 Contract: `train(config, workdir) -> dict` trains to `config.train.num_steps`, resuming from the
 latest checkpoint in `workdir`: experiment setup (mesh, model, abstract state, shardings) ->
@@ -7,21 +7,16 @@ steps with periodic work (metrics through `writers`, checkpoints, preview grids,
 progressive growth). A SIGTERM to any process checkpoints the current step on all of them and
 returns; a non-finite loss stops the run with a message and without checkpointing the bad
 state. Progressive growth is a phase change of this loop (surgery on the state, re-jit); a
-cascade's stages are trained one after another by it. Outputs in `workdir`: config.json,
+cascade's stages are trained one after another by it (`modes`). Outputs in `workdir`:
 checkpoints/, best/, metrics.jsonl + TensorBoard events, samples/step_XXXXXX.png, eval/. A run
 that reaches num_steps ends with the quality line (`eval.quality_line`: its samples' quick FD,
 KID and shape score beside real data's).
 
-`run(config, workdir, mode)`: train (every stage of a cascade in order, or `cascade.stage`),
-sample (`sampling`; a cascade's `pipeline`, or its `cascade.stage` alone), eval
-(`evaluation.evaluator`), sweep (`pipeline`), plan (`plan`: compile every stage ahead of time for
-a target and write plan.json, no state allocated); `mode` may name several, comma
-separated ("train,sample"), run in that order in one process (one start-up, one
-`jax.distributed` job).
+`run(config, workdir, mode)` is the entry point (`main.py`, notebooks): `modes.run` with this
+loop as its train mode; mode routing and cascades' stage order live in `modes`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -31,23 +26,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from difflax import cascade
-from difflax import config as config_lib
 from difflax import data as data_lib
 from difflax import experiment
 from difflax import fileio
 from difflax import growth
 from difflax import images as images_lib
+from difflax import modes
 from difflax import parallel
-from difflax import pipeline
-from difflax import plan as plan_lib
 from difflax import sampling
 from difflax import writers
 from difflax.evaluation import evaluator as evaluator_lib
 from difflax.evaluation import quality
-
-MODES = ("train", "sample", "eval", "sweep", "plan")
-
 
 def every(n: int, step: int, final: bool = False) -> bool:
   """Periodic work: each `n` steps (n > 0) and at the run's last step; never when n == 0."""
@@ -185,6 +174,13 @@ def grow(exp: experiment.Experiment, state, new_gs: growth.GrowthState):
   return new, jax.jit(surgery, out_shardings=new.shardings)(state)
 
 
+def checkpoint_meta(exp: experiment.Experiment, state, plateau) -> dict:
+  """A checkpoint's metadata: the experiment's (architecture, growth stage) and the plateau
+  trigger's memory (`plateau`: a `growth.PlateauTracker`, or None without growth)."""
+  return exp.meta(state, None if plateau is None else
+                  {"plateau": {"best": plateau.best, "bad": plateau.bad}})
+
+
 # ------------------------------------------------------------------------------ loop
 def train(config, workdir: str) -> dict:
   """Trains until `config.train.num_steps`, resuming from the latest checkpoint in `workdir`."""
@@ -208,10 +204,8 @@ def train(config, workdir: str) -> dict:
   report = writers.ReportProgress(num_train_steps=t.num_steps, writer=writer,
                                    every_steps=t.log_every)
   saved = ((exp.checkpointer.read_meta() or {}).get("plateau") if restored else None) or {}
-  plateau = growth.PlateauTracker(c.growth.plateau_patience, saved.get("best", float("inf")),
-                                  saved.get("bad", 0))
-  meta = lambda: exp.meta(state, {"plateau": {"best": plateau.best, "bad": plateau.bad}}
-                          if growth.enabled(c) else None)
+  plateau = (growth.PlateauTracker(c.growth.plateau_patience, saved.get("best", float("inf")),
+                                   saved.get("bad", 0)) if growth.enabled(c) else None)
   pending, plateau_losses, last, stopping = [], [], {}, False
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
   try:
@@ -237,7 +231,8 @@ def train(config, workdir: str) -> dict:
             plateau_losses.append(metrics["loss"])
             plateaued = False
             if c.growth.trigger == "plateau" and every(c.growth.plateau_every, step):
-              value = (phase.evaluate(state, step, writer, meta())["quick_fd"]
+              value = (phase.evaluate(state, step, writer,
+                                      checkpoint_meta(exp, state, plateau))["quick_fd"]
                        if c.growth.plateau_metric == "quick_fd"
                        else float(np.mean(jax.device_get(plateau_losses))))
               plateaued, plateau_losses = plateau.update(value), []
@@ -245,20 +240,20 @@ def train(config, workdir: str) -> dict:
             if new_gs != exp.growth_state:
               exp, state = grow(exp, state, new_gs)
               plateau.reset()
-              exp.checkpointer.save(step, state, meta())
+              exp.checkpointer.save(step, state, checkpoint_meta(exp, state, plateau))
               pending = []  # Metrics of the old architecture were logged or are dropped here.
               break  # Re-jit for the new architecture.
           # ---- Checkpoint, preview, eval.
           with report.timed("periodic"):
             if final or every(t.checkpoint_every, step):
-              exp.checkpointer.save(step, state, meta())
+              exp.checkpointer.save(step, state, checkpoint_meta(exp, state, plateau))
             # The quality line samples the final step anyway: its first samples are that grid.
             quality_next = final and not stopping and c.eval.quality_line
             if (phase.preview_fn is not None and every(t.preview_every, step, final)
                 and not quality_next):
               phase.preview(state, step, writer)
             if phase.evaluator is not None and every(t.eval_every, step, final):
-              phase.evaluate(state, step, writer, meta())
+              phase.evaluate(state, step, writer, checkpoint_meta(exp, state, plateau))
           if stopping:
             logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
                             step)
@@ -278,90 +273,7 @@ def train(config, workdir: str) -> dict:
   return out
 
 
-# ------------------------------------------------------------------------------ run
-def parse_modes(mode: str) -> list[str]:
-  """'train,sample' -> ['train', 'sample']; an unknown or empty name is a `ConfigError`."""
-  modes = [m.strip() for m in mode.split(",")]
-  bad = [m for m in modes if m not in MODES]
-  if bad or not modes:
-    raise config_lib.ConfigError(f"Unknown --mode={mode!r}; valid: {', '.join(MODES)}, or "
-                                 "several in order, comma separated (e.g. train,sample).")
-  return modes
-
-
-def run(config, workdir: str, mode: str = "train", plan_options: dict | None = None) -> dict:
-  """Validates `config` and runs `mode` (or each of 'train,sample,...' in order: the result of
-  several is {mode: result}). `plan_options`: `plan.plan`'s topology / mfu / hbm_gib."""
-  modes = parse_modes(mode)
-  config_lib.validate(config)
-  if len(modes) > 1:
-    return {m: _run_one(config, workdir, m, plan_options) for m in modes}
-  return _run_one(config, workdir, modes[0], plan_options)
-
-
-def stage_configs(config) -> dict:
-  """{stage name: config} of a cascade, or {"model": config}."""
-  if cascade.is_cascade(config):
-    return {n: cascade.stage_config(config, n) for n in cascade.stage_names(config)}
-  return {"model": config}
-
-
-def check(config, workdir: str, mode: str = "train") -> str:
-  """`--dry_run`: the modes, the config and every stage's data source checked (what the first
-  batch would find wrong raises here), the workdir creatable; nothing built or written.
-  Returns a summary."""
-  modes = parse_modes(mode)
-  config_lib.validate(config)
-  lines = [f"OK: --mode={','.join(modes)} --workdir={workdir}"]
-  if "plan" not in modes or len(modes) > 1:
-    for name, c in stage_configs(config).items():
-      lines.append(f"  {name}: {c.data.resolution}x{c.data.resolution}, "
-                   f"{data_lib.check_source(c.data)}")
-  path = fileio.path(workdir)
-  if not fileio.is_url(workdir):
-    parent = next(p for p in [path, *path.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-      raise FileNotFoundError(f"--workdir={workdir}: {parent} is not writable.")
-    state = "exists (a run resumes from its checkpoints)" if path.exists() else "new"
-    lines.append(f"  workdir: {state}")
-  return "\n".join(lines)
-
-
-def _run_one(config, workdir: str, mode: str, plan_options: dict | None = None) -> dict:
-  """Records the config as workdir/config.json (train) and runs one mode; a data source that
-  cannot serve the config fails before anything is written."""
-  if mode in ("train", "sample", "eval"):
-    for c in stage_configs(config).values():
-      data_lib.check_source(c.data)
-  fileio.path(workdir).mkdir(parents=True, exist_ok=True)
-  if mode == "plan":  # Every stage of a cascade / growth level: plan.py walks them itself.
-    result = plan_lib.plan(config, workdir, **(plan_options or {}))
-    if jax.process_index() == 0:
-      print(plan_lib.format_table(result), plan_lib.describe(result), sep="\n", flush=True)
-    return result
-  if mode == "train" and jax.process_index() == 0:
-    fileio.write_json(os.path.join(workdir, "config.json"),
-                      json.loads(config.to_json_best_effort()))
-  if cascade.is_cascade(config):
-    names = cascade.stage_names(config)
-    if mode == "train":  # Every stage (or cascade.stage) in order, each resuming on its own.
-      results = {}
-      for name in [config.cascade.stage] if config.cascade.stage else names:
-        logging.info("Cascade stage %s (%d/%d)", name, names.index(name) + 1, len(names))
-        results[name] = train(cascade.stage_config(config, name), os.path.join(workdir, name))
-      return results
-    if mode == "eval":
-      name = config.cascade.stage or names[-1]
-      return evaluator_lib.evaluate(cascade.stage_config(config, name),
-                                    os.path.join(workdir, name))
-    if mode == "sample" and config.cascade.stage:
-      # One stage alone, as its previews and quality line sample it (an SR stage conditioned on
-      # eval-split images at its low resolution); without cascade.stage: the pipeline.
-      name = config.cascade.stage
-      return sampling.sample(cascade.stage_config(config, name), os.path.join(workdir, name))
-    return {"sample": pipeline.sample, "sweep": pipeline.sweep}[mode](config, workdir)
-  if mode == "sweep":
-    raise config_lib.ConfigError("--mode=sweep sweeps a cascade's augmentation level; this "
-                                 "config has no stages (use a configs/cascade_*.py config).")
-  return {"train": train, "sample": sampling.sample,
-          "eval": evaluator_lib.evaluate}[mode](config, workdir)
+def run(config, workdir: str, mode: str = "train", plan_options: dict | None = None):
+  """`modes.run` with this loop as its train mode: what `main.py` and notebooks call
+  ("train", "sample", ..., or several comma separated, in order)."""
+  return modes.run(config, workdir, mode, train_fn=train, plan_options=plan_options)

@@ -30,11 +30,10 @@ sys.path.insert(0, REPO)
 
 
 def load_config(name: str, arg: str = "tiny"):
-  """The packaged config `name:arg` (the CLI's loader), unlocked for the test to edit."""
+  """The packaged config `name:arg` (the CLI's loader) with every optional key, unlocked for the
+  test to edit."""
   from difflax import config as config_lib
-  c = config_lib.load(f"{name}:{arg}")
-  c.unlock()
-  return c
+  return config_lib.complete(config_lib.load(f"{name}:{arg}"))  # (every key, to edit)
 
 
 @pytest.fixture

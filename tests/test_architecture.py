@@ -13,8 +13,8 @@ PURE = ("schedules", "noise_scales", "diffusion", "losses", "samplers", "cascade
         "processes.discrete", "processes.continuous", "processes.ncsn", "processes.flow",
         "conditioning")
 # What runs a loop, or touches devices, files or the network: never reachable from pure math.
-ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "main",
-                 "data", "parallel", "fileio", "checkpoint", "writers", "folders", "sources",
+ORCHESTRATION = ("experiment", "sampling", "pipeline", "evaluation.evaluator", "train", "modes",
+                 "main", "data", "parallel", "fileio", "checkpoint", "writers", "folders", "sources",
                  "plan", "cli", "plots", "evaluation.features", "evaluation.inception")
 
 

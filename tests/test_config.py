@@ -133,3 +133,52 @@ def test_progressive_presets_hold_pro_ddpm_settings():
   for arg in ("", "tiny", "static", "fade=linear", "fade=abrupt,forward=stage_res"):
     config_lib.validate(load_config("progressive_cifar10", arg))
   assert load_config("progressive_cifar10", "fade=linear").growth.fade_kind == "linear"
+
+
+def _leaves(c, prefix=""):
+  out = []
+  for k, v in c.items():
+    out += _leaves(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k]
+  return out
+
+
+def test_resolved_configs_keep_only_the_keys_of_features_that_are_on():
+  ddpm = config_lib.load("ddpm_cifar10")
+  assert len(_leaves(ddpm)) <= 90 < len(_leaves(config_lib.base_config()))
+  assert len(_leaves(config_lib.finalize(config_lib.base_config()))) <= 90
+  assert not {"growth", "ncsn", "cond"} & set(ddpm) and "vlb_weight" not in ddpm.loss
+  assert "gamma" not in ddpm.diffusion and "num_examples" in ddpm.data  # (embedded data)
+  pro = config_lib.load("progressive_cifar10:tiny")
+  assert tuple(pro.growth.resolutions) == (4, 8, 16) and "ncsn" not in pro
+  assert config_lib.load("ncsnv2_cifar10:tiny").ncsn.steps_per_scale > 0
+  assert "gamma" in config_lib.load("chen_schedules:tiny").diffusion
+  cdm = config_lib.load("cascade_32_64:tiny")
+  assert "cond" not in cdm.stages.base and cdm.stages.sr_64.cond.aug == "gaussian"
+  assert "growth" not in config_lib.load("progressive_cifar10:static,tiny")
+
+
+def test_an_override_turns_a_feature_on_with_its_defaults_or_names_its_switch():
+  c = config_lib.load("ddpm_cifar10:tiny", [("loss.timestep_sampler", "importance")])
+  assert c.loss.resampler_history == 10 and c.loss.resampler_uniform_prob == 0.001
+  c = config_lib.load("ddpm_cifar10:tiny", [("loss.type", "hybrid"),
+                                            ("loss.vlb_weight", "0.01")])
+  assert c.loss.vlb_weight == 0.01
+  c = config_lib.load("ddpm_cifar10:tiny", [("growth.resolutions", "(4, 8)"),
+                                            ("growth.stage_steps", "(3,)"),
+                                            ("model.project_downsample", "true")])
+  assert c.growth.fade_kind == "sinusoidal" and tuple(c.growth.resolutions) == (4, 8)
+  with pytest.raises(config_lib.ConfigError, match=r"loss\.vlb_weight .*loss\.type='hybrid'"):
+    config_lib.load("ddpm_cifar10:tiny", [("loss.vlb_weight", "0.01")])
+  with pytest.raises(config_lib.ConfigError, match=r"ncsn\.num_scales .*diffusion\.type='ncsn'"):
+    config_lib.load("ddpm_cifar10:tiny", [("ncsn.num_scales", "10")])
+  with pytest.raises(config_lib.ConfigError, match=r"stages\.base\.cond\.sample_level .*low_res"):
+    config_lib.load("cascade_32_64:tiny", [("stages.base.cond.sample_level", "3")])
+  with pytest.raises(config_lib.ConfigError, match="Did you mean config.loss.vlb_weight"):
+    config_lib.load("ddpm_cifar10:tiny", [("loss.vlb_wieght", "0.01")])
+
+
+def test_a_recorded_resolved_config_loads_back():
+  for spec in ("progressive_cifar10:tiny", "chen_schedules:tiny", "ddpm_cifar10"):
+    c = config_lib.load(spec)
+    again = config_lib.from_dict(c.to_dict())
+    assert again.to_dict() == c.to_dict()

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from difflax import config as config_lib
 from difflax import data as data_lib
 from difflax import fileio
 from difflax import images as images_lib
@@ -272,7 +273,11 @@ def default_path(data_config, steps: int = 0) -> str:
     keys += ("eval_fraction",)
   if data_config.name == "embedded" and data_config.get("embedded_style", "textured") != "textured":
     keys += ("embedded_style",)  # The textured style's networks keep their cached files.
-  ident = hashlib.sha256(json.dumps({k: str(data_config[k]) for k in keys}).encode()).hexdigest()
+  # A resolved config drops the keys of other sources (config.OPTIONAL): hash their defaults,
+  # so a network's file name does not depend on that.
+  full = config_lib.base_config().data
+  full.update(data_config.to_dict())
+  ident = hashlib.sha256(json.dumps({k: str(full[k]) for k in keys}).encode()).hexdigest()
   name = data_config.name.replace("/", "_")
   steps = steps or recipe_steps(data_config.resolution)
   suffix = "" if steps == recipe_steps(data_config.resolution) else f"_s{steps}"

@@ -50,8 +50,8 @@ def reference_features(config, net, num: int, split: str | None = None,
   phases, cascade stages at one resolution) do not recompute them."""
   d = config.data
   split = split or d.eval_split
-  key = (net.label, d.name, d.resolution, d.folder, d.eval_fraction, d.data_dir, d.num_examples,
-         split, num, config.seed)
+  key = (net.label, *(d.get(k) for k in ("name", "resolution", "folder", "eval_fraction",
+                                          "data_dir", "num_examples")), split, num, config.seed)
   if key not in _REFERENCE_CACHE:
     images = data_lib.sample_array(d, num, config.seed, split)
     _REFERENCE_CACHE[key] = net.features(images, mesh=mesh)

@@ -72,7 +72,7 @@ def build_model(config, growth_state=None):
   return cls(**own, learn_sigma=config.diffusion.var_type == "learned_range",
              out_channels=config.data.channels,
              num_classes=config.data.num_classes if m.class_conditional else 0,
-             aug_level_cond=config.cond.aug == "gaussian",
+             aug_level_cond="cond" in config and config.cond.aug == "gaussian",
              **growth.model_kwargs(config, growth_state or growth.GrowthState()))
 
 

@@ -24,6 +24,12 @@ PROCESSES = {
 }
 
 
+# config.OPTIONAL's rows for the processes: (keys, when they are used, is that the case).
+OPTIONAL = tuple((cls.config_keys, f"diffusion.type={name!r}",
+                  lambda c, cls=cls: PROCESSES.get(c.diffusion.type) is cls)
+                 for name, cls in PROCESSES.items() if cls.config_keys)
+
+
 def get(name: str) -> type[Process]:
   if name not in PROCESSES:
     raise ValueError(f"config.diffusion.type={name!r}; valid: {', '.join(PROCESSES)}.")

@@ -37,6 +37,9 @@ class Process:
   truncatable: ClassVar[bool] = False
   growable: ClassVar[bool] = True
   surrogate: ClassVar[bool] = False
+  # Config keys only this process reads ("block" or "block.key", space separated): a resolved
+  # config keeps them only while diffusion.type names this process (`config.OPTIONAL`).
+  config_keys: ClassVar[str] = ""
 
   def __init__(self, config, sample_data=None):
     self.config = config

@@ -24,6 +24,8 @@ from difflax.processes import base
 
 class ContinuousProcess(base.Process):
   name = "continuous"
+  config_keys = ("diffusion.gamma diffusion.inference_gamma diffusion.input_scale "
+                 "diffusion.normalize_input diffusion.time_input")
   sampler_names = tuple(samplers.SAMPLERS)
 
   @classmethod

@@ -78,9 +78,11 @@ class DiscreteProcess(base.Process):
       t = jax.random.categorical(key, jnp.log(p), shape=(batch,)).astype(jnp.int32)
       return t, 1.0 / (num_t * p[t])
 
+    hybrid = {"vlb_weight": lc.vlb_weight} if lc.type == "hybrid" else {}
+
     def per_draw(denoise_fn, x0, t, noise):
       return losses.training_losses(d, denoise_fn, x0, t, noise, loss_type=lc.type,
-                                    vlb_weight=lc.vlb_weight, min_snr_gamma=lc.min_snr_gamma)
+                                    min_snr_gamma=lc.min_snr_gamma, **hybrid)
     return losses.build_objective(lc, draw_t, per_draw)
 
   def _truncated_chain(self, respacing, truncate_level: int):

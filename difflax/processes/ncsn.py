@@ -25,6 +25,7 @@ from difflax.processes import base
 
 class NCSNProcess(base.Process):
   name = "ncsn"
+  config_keys = "ncsn"
   sampler_names = ()  # Always annealed Langevin; the sampler fields are not read.
   growable = False
 
