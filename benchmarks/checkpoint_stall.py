@@ -6,7 +6,8 @@ state, side by side (default: the reference UNet's train state, params + EMA + A
 For each mode, --saves times: one train step, `Checkpointer.save` (timed: how long the loop is
 blocked by the call), then --steps-after more steps (timed: the background write competes with
 them for the host), then the wait for the write to finish. Prints the medians and the ratio
-async / sync of the blocked time and of save + following steps. `--dir` should be the file
+async / sync of the blocked time and of save + following steps, and the integrity checksums'
+share of the block (`checksums_secs`: `checkpoint.state_checksums` of the state alone). `--dir` should be the file
 system (or bucket) a run would write to.
 """
 import json
@@ -39,6 +40,9 @@ def main():
   train_steps(args.warmup)
   base = _common.median(_common.time_calls(lambda: train_steps(1), 0, args.steps))
   meta = {"param_shapes": ckpt_lib.param_shapes(state.params)}
+  ckpt_lib.state_checksums(box["state"])  # (Compiles the checksum programs.)
+  checksum_secs = _common.median(_common.time_calls(
+      lambda: ckpt_lib.state_checksums(box["state"]), 0, max(args.saves, 3)))
   root = args.dir or tempfile.mkdtemp(prefix="difflax_ckpt_stall_")
   out = {}
   for mode in ("sync", "async"):
@@ -69,7 +73,8 @@ def main():
       "benchmark": "checkpoint_stall", "backend": jax.default_backend(),
       "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "state_mib": state_bytes / 2 ** 20, "step_seconds_median": base,
-      "steps_after_save": args.steps_after, **out,
+      "steps_after_save": args.steps_after, "state_leaves": len(jax.tree_util.tree_leaves(
+          box["state"])), "checksums_secs": checksum_secs, **out,
       "blocked_ratio_async_over_sync":
           out["async"]["save_blocks_secs"] / out["sync"]["save_blocks_secs"],
       "save_and_steps_ratio_async_over_sync":

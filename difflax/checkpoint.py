@@ -98,20 +98,31 @@ def _leaf_summary(x):
 _leaf_summary_jit = jax.jit(_leaf_summary)
 
 
+def _needs_own_turn(x) -> bool:
+  """Whether the checksum of leaf `x` must finish before the next one is dispatched.
+
+  A leaf split over devices sums with a collective across them (and processes), and XLA:CPU
+  runs dispatched programs concurrently on its thread pool, where two programs' collectives
+  entered in different orders by different devices wait on each other forever (seen in-process
+  with 8 devices; see also `parallel.any_process`). Ordering them by data dependencies instead
+  (each program taking the previous checksum through an optimization barrier) still deadlocks
+  there: a device starts program i + 1 while others finish i. So on the CPU such leaves take
+  one blocking round trip each; a leaf whole on every device needs no collective, and
+  accelerators run a device's programs in dispatch order, so those are dispatched together."""
+  sharding = getattr(x, "sharding", None)
+  return (jax.default_backend() == "cpu" and sharding is not None
+          and not sharding.is_fully_replicated)
+
+
 def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
   """({leaf path: checksum}, [paths of leaves with NaN / inf]) of a state pytree."""
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
   out = []
   for x in leaves:
-    # One program at a time: a sharded leaf's sum is a collective across devices (and
-    # processes), and XLA:CPU runs dispatched programs concurrently on its thread pool, where two
-    # programs' collectives entered in different orders by different devices wait on each other
-    # forever (seen in-process with 8 devices; see also `parallel.any_process`). Ordering them by
-    # data dependencies instead (each program taking the previous checksum through an
-    # optimization barrier) still deadlocks there: a device starts program i + 1 while others
-    # finish i. Hence one blocking round trip per leaf.
-    out.append(jax.block_until_ready(_leaf_summary_jit(x)))
-  out = jax.device_get(out)  # Scalars, replicated on every process.
+    out.append(_leaf_summary_jit(x))
+    if _needs_own_turn(x):
+      jax.block_until_ready(out[-1])
+  out = jax.device_get(out)  # Scalars, replicated on every process: one wait for all.
   names = [trees.path_str(p) for p in paths]
   return ({k: int(s) for k, (s, _) in zip(names, out)},
           [k for k, (_, ok) in zip(names, out) if not ok])

@@ -44,9 +44,9 @@ def parse_modes(mode: str) -> list[str]:
 def run(config, workdir: str, mode: str = "train", *, train_fn: TrainFn,
         plan_options: dict | None = None) -> dict:
   """Validates `config` and runs `mode` (or each of 'train,sample,...' in order: the result of
-  several is {mode: result}). `train_fn(config, workdir)`: the loop (`train.train`; passed in
-  because the loop sits above this router's other targets). `plan_options`: `plan.plan`'s
-  topology / mfu / hbm_gib."""
+  several is {mode: result}). `train_fn(config, workdir)`: the loop, passed in by `train.run`
+  (the entry point `main.py` and notebooks call; train.py imports this module, not the
+  reverse). `plan_options`: `plan.plan`'s topology / mfu / hbm_gib."""
   modes = parse_modes(mode)
   config_lib.validate(config)
   if len(modes) > 1:

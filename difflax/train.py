@@ -206,13 +206,18 @@ def train(config, workdir: str) -> dict:
   saved = ((exp.checkpointer.read_meta() or {}).get("plateau") if restored else None) or {}
   plateau = (growth.PlateauTracker(c.growth.plateau_patience, saved.get("best", float("inf")),
                                    saved.get("bad", 0)) if growth.enabled(c) else None)
-  pending, plateau_losses, last, stopping = [], [], {}, False
+  pending, plateau_losses, last, stopping, evaluated = [], [], {}, False, -1
   # ---- Loop: one phase per architecture (one, unless progressive growth changes it).
   try:
     with StopOnSignal(t.stop_check_every) as stop:
       while step < t.num_steps and not stopping:
         phase = Phase(exp, batch, step)
         writer.write_scalars(step + 1, {"compile_secs": phase.compile_secs})
+        if step > start:  # A growth step: its preview / eval, of the grown model, were left out.
+          if phase.preview_fn is not None and every(t.preview_every, step):
+            phase.preview(state, step, writer)
+          if phase.evaluator is not None and every(t.eval_every, step) and evaluated != step:
+            phase.evaluate(state, step, writer, checkpoint_meta(exp, state, plateau))
         for step in range(step + 1, t.num_steps + 1):
           if step > start + 1:
             batch = next(it)
@@ -231,10 +236,12 @@ def train(config, workdir: str) -> dict:
             plateau_losses.append(metrics["loss"])
             plateaued = False
             if c.growth.trigger == "plateau" and every(c.growth.plateau_every, step):
-              value = (phase.evaluate(state, step, writer,
-                                      checkpoint_meta(exp, state, plateau))["quick_fd"]
-                       if c.growth.plateau_metric == "quick_fd"
-                       else float(np.mean(jax.device_get(plateau_losses))))
+              if c.growth.plateau_metric == "quick_fd":
+                value = phase.evaluate(state, step, writer,
+                                       checkpoint_meta(exp, state, plateau))["quick_fd"]
+                evaluated = step
+              else:
+                value = float(np.mean(jax.device_get(plateau_losses)))
               plateaued, plateau_losses = plateau.update(value), []
             new_gs = growth.next_state(c, exp.growth_state, step, plateaued)
             if new_gs != exp.growth_state:
@@ -252,7 +259,8 @@ def train(config, workdir: str) -> dict:
             if (phase.preview_fn is not None and every(t.preview_every, step, final)
                 and not quality_next):
               phase.preview(state, step, writer)
-            if phase.evaluator is not None and every(t.eval_every, step, final):
+            if (phase.evaluator is not None and every(t.eval_every, step, final)
+                and evaluated != step):  # (The plateau trigger's eval may have run already.)
               phase.evaluate(state, step, writer, checkpoint_meta(exp, state, plateau))
           if stopping:
             logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",

@@ -49,6 +49,13 @@ def test_checksums_see_any_single_change_and_ignore_sharding():
   assert ckpt_lib.state_checksums({"x": sharded})[0]["x"] == base
   _, bad = ckpt_lib.state_checksums({"ok": x, "bad": x.at[3, 3].set(jnp.nan)})
   assert bad == ["bad"]
+  # Only a leaf split over the CPU devices (its sum a collective) waits for its own turn; a
+  # mixed tree (dispatched together, then one at a time) gives every leaf's own checksum.
+  replicated = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert ckpt_lib._needs_own_turn(sharded) and not ckpt_lib._needs_own_turn(replicated)
+  assert not ckpt_lib._needs_own_turn(x)
+  sums, _ = ckpt_lib.state_checksums({"a": replicated, "b": sharded, "c": x, "d": x[::-1]})
+  assert sums["a"] == sums["b"] == sums["c"] == base != sums["d"]
 
 
 def test_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path):

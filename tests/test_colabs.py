@@ -18,17 +18,11 @@ def test_every_capability_has_a_notebook():
           "objectives.ipynb"} <= names
 
 
-# Notebooks whose CPU-size outputs are not committed yet (growth's progressive-vs-static cell
-# trains 2 x 1400 steps, ~35 minutes on two cores).
-PENDING_OUTPUTS = {"growth.ipynb"}
-
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_is_committed_with_its_outputs(path):
   """What a reader sees on GitHub before running anything: every code cell ran (in order, no
   errors) and at least one figure or sample grid is saved."""
-  if os.path.basename(path) in PENDING_OUTPUTS:
-    pytest.skip("outputs not committed yet (PENDING_OUTPUTS)")
   nb = nbformat.read(path, as_version=4)
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert [c.execution_count for c in code] == list(range(1, len(code) + 1))

@@ -126,11 +126,13 @@ def test_grows_twice_and_a_run_killed_mid_fade_resumes_bit_identically(tmp_path,
                                                                        caplog):
   """(The CLI, previews and fsdp across processes: tests/test_multihost.py.)"""
   c = load_config("progressive_cifar10", "tiny")
-  c.train.preview_every = 0
+  c.train.preview_every = 4  # Step 4 is a growth step (stage 2 starts after it).
   ref = tmp_path / "ref"
   with caplog.at_level("INFO"):
     train.run(c, str(ref))
   assert caplog.text.count("Growth at step") == 4  # Two growths, each with its fade's end.
+  assert sorted(os.listdir(ref / "samples")) == ["step_000004.png", "step_000008.png"]
+  c.train.preview_every = 0
   meta, want = final_params(str(ref))
   assert meta["resolution"] == 16 and meta["growth"]["stage"] == 2
   assert not meta["growth"]["fading"] and "in_16" in want and "in_8" not in want
