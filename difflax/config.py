@@ -64,28 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
       low_res=0,            # >0: batches also carry `low_res` (box-downsampled; cascade SR).
   ))
 
-  c.model = ml_collections.ConfigDict(dict(
-      name="unet",
-      ch=32,
-      ch_mult=(1, 2, 2),
-      num_res_blocks=1,
-      attn_resolutions=(8,),
-      num_heads=1,
-      head_channels=-1,
-      dropout=0.0,
-      use_scale_shift_norm=False,
-      num_groups=8,
-      block="res",          # Residual block: "res" (DDPM) | "mbconv" (MBConv + SE, paper 002).
-      mbconv_expansion=4,   # MBConv: 1x1 expansion of the block's output channels.
-      se_ratio=0.25,        # MBConv: squeeze-excitation width / expanded channels.
-      class_conditional=False,
-      label_dropout=0.1,    # Probability of the null label in training (classifier-free guidance).
-      project_downsample=False,  # Downsamples change channels to the next level's (growth).
-      patch_size=1,         # >1: the UNet runs on p x p patches folded into channels (space-to-
-                            # depth, "simple diffusion"); levels start at data.resolution / p.
-      dtype="float32",      # Compute dtype: "float32" | "bfloat16" (params, Adam, EMA stay fp32).
-      remat="none",         # Per-block recompute for memory: "none" | "dots" | "full".
-  ))
+  # The network's fields (difflax/models/unet.py documents them) at CPU sizes: a new
+  # hyper-parameter is a field of the module, and appears here with its default.
+  c.model = ml_collections.ConfigDict(models.config_block(
+      "unet", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8))
 
   c.diffusion = ml_collections.ConfigDict(dict(
       type="discrete",      # difflax.processes: "discrete" (DDPM) | "continuous" (Chen gamma(t))

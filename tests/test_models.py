@@ -1,8 +1,11 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from difflax import config as config_lib
 from difflax import models
 from difflax import processes
 from difflax.models.unet import UNet
@@ -160,3 +163,12 @@ def test_every_model_key_reaches_the_module_and_a_stray_one_is_refused():
   unlocked.model.widht = 3
   with pytest.raises(ValueError, match="config.model.widht is not a field of UNet"):
     models.build_model(unlocked)
+  # The other way round: the config's model keys are the module's fields (a new hyper-parameter
+  # is one field), at the module's defaults unless base_config sizes them for the CPU.
+  fields = {f.name: f.default for f in dataclasses.fields(models.MODELS["unet"])}
+  block = models.config_block("unet")
+  assert set(block) == (set(fields) - set(models.DERIVED_FIELDS)) | set(models.TRAINING_KEYS)
+  assert block["num_res_blocks"] == fields["num_res_blocks"] and block["dtype"] == "float32"
+  assert set(config_lib.base_config().model) == set(block)
+  with pytest.raises(ValueError, match="'widht' is not a config.model key"):
+    models.config_block("unet", widht=3)

@@ -51,13 +51,33 @@ def validate(config) -> None:
 
 # `config.model` keys the training step reads (classifier-free guidance), not the network.
 TRAINING_KEYS = ("name", "class_conditional", "label_dropout")
+# Module fields set from the rest of the config (data, diffusion, cascade, growth) or by Flax.
+DERIVED_FIELDS = ("learn_sigma", "out_channels", "num_classes", "aug_level_cond", "skip_levels",
+                  "fade", "parent", "name")
+
+
+def config_block(name: str = "unet", **defaults) -> dict:
+  """`config.model`'s keys and defaults: the module's own fields at their defaults (the dtype by
+  name) except `DERIVED_FIELDS`, then `TRAINING_KEYS`; `defaults` replace some (base_config's
+  CPU sizes). So a new hyper-parameter is a field of the module and nothing else."""
+  dtype_names = {v: k for k, v in DTYPES.items()}
+  block = {"name": name, "class_conditional": False,
+           "label_dropout": 0.1}  # Probability of the null label (classifier-free guidance).
+  for f in dataclasses.fields(MODELS[name]):
+    if f.name not in DERIVED_FIELDS:
+      block[f.name] = dtype_names[f.default] if f.name == "dtype" else f.default
+  unknown = sorted(set(defaults) - set(block))
+  if unknown:
+    raise ValueError(f"{unknown[0]!r} is not a config.model key of {name!r}: {sorted(block)}.")
+  return {**block, **defaults}
 
 
 def build_model(config, growth_state=None):
   """Module for `config.model` given the data / diffusion blocks; with progressive growth, the
   architecture of `growth_state` (default: the first stage). Every `config.model` key but
   `TRAINING_KEYS` is a field of the registered module, passed as is (tuples as tuples, `dtype`
-  by name), so a new hyper-parameter is a module field plus its config default."""
+  by name); `config_block` made those keys from the module's fields, so a new hyper-parameter
+  is a module field and nothing else."""
   m = config.model
   validate(config)
   cls = MODELS[m.name]

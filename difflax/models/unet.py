@@ -91,8 +91,8 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = False
   num_groups: int = 32
   block: str = "res"            # "res" (DDPM) | "mbconv" (MBConv + SE, paper 002 Sec. 4.4).
-  mbconv_expansion: int = 4
-  se_ratio: float = 0.25
+  mbconv_expansion: int = 4     # MBConv: 1x1 expansion of the block's output channels.
+  se_ratio: float = 0.25        # MBConv: squeeze-excitation width / expanded channels.
   learn_sigma: bool = False
   out_channels: Optional[int] = None
   num_classes: int = 0
@@ -105,8 +105,10 @@ class UNet(nn.Module):
   # Downsamples project to the next level's channels, so a grown level feeds the next level what
   # its input convolution used to (needed by growth; off for the DDPM architecture).
   project_downsample: bool = False
+  # >1: the UNet runs on p x p patches folded into channels (space-to-depth, "simple
+  # diffusion"); levels start at the data resolution / p.
   patch_size: int = 1
-  dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32    # Compute dtype (config: "float32" | "bfloat16"; params stay fp32).
   remat: str = "none"           # Per residual / attention block: layers.REMAT_POLICIES.
 
   @nn.compact
