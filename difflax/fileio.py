@@ -12,7 +12,9 @@ append).
   `read_json`, `append_jsonl(p, row)`, `read_jsonl(p) -> [dict]` (missing file -> []),
   `save_npz(p, **arrays)`, `load_npz(p) -> {name: array}`, `save_figure(p, fig)`.
   `lock(p)`: a context manager holding an exclusive lock on a local `p.lock` (a no-op for URLs),
-  so jobs sharing a machine build a cached file once.
+  so jobs sharing a machine build a cached file once. `exclusive(p, what)`: the same lock taken
+  without waiting, `BusyError` naming the holder (pid, host, start) if another process has it;
+  the OS drops a dead process's lock, so a killed run leaves none behind.
   `save_weights(p, params, meta)` / `load_weights(p) -> (params, meta)`: a parameter tree as one
   `.npz` (leaves under their `trees.path_str`, the JSON meta under `__meta__`, read with
   `allow_pickle=False`); `meta["weights_hash"]` is `trees.content_hash(params)`, set on save and
@@ -27,6 +29,8 @@ import fcntl
 import io
 import json
 import os
+import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -75,6 +79,39 @@ def lock(p: str | os.PathLike):
   with open(os.fspath(target) + ".lock", "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class BusyError(RuntimeError):
+  """Another live process holds the lock `exclusive` asked for."""
+
+
+@contextlib.contextmanager
+def exclusive(p: str | os.PathLike, what: str):
+  """Holds an exclusive lock on the local file `p` for the block, or raises `BusyError` at once
+  (`what` says what is busy); the lock file records its holder. A no-op for URLs (object stores
+  have no locks)."""
+  if is_url(p):
+    yield
+    return
+  target = os.fspath(path(p))
+  os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+  with open(target, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise BusyError(f"{what} is in use by {holder}: wait for it to finish or stop it (a "
+                      "killed run releases it), or use another directory.") from None
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+      f.flush()
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)

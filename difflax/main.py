@@ -22,6 +22,7 @@ from difflax import checkpoint
 from difflax import cli
 from difflax import config as config_lib
 from difflax import data
+from difflax import fileio
 from difflax import parallel
 from difflax import modes
 from difflax import train
@@ -60,7 +61,7 @@ FLAGS = flags.FLAGS
 # What a user can fix without reading code: one line and exit status 2.
 USER_ERRORS = (config_lib.ConfigError, data.DatasetNotAvailableError, data.DatasetError,
                checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
-               inception.WeightsNotAvailableError,
+               inception.WeightsNotAvailableError, fileio.BusyError,
                FileNotFoundError)
 
 

@@ -7,10 +7,13 @@ train (`train_fn`, the loop: every stage of a cascade in order into workdir/<sta
 `pipeline`, or its `cascade.stage` alone), eval (`evaluation.evaluator`), sweep (`pipeline`: a
 cascade's augmentation-level sweep), plan (`plan`: every stage compiled ahead of time for a
 target, plan.json, no state allocated). A data source that cannot serve the config fails before
-anything is written. `check` is `--dry_run`: the same checks, nothing built or written.
+anything is written; then process 0 holds workdir/.difflax.lock for the run, so a second run
+into the same workdir fails at once (`fileio.BusyError`) instead of interleaving files. `check`
+is `--dry_run`: the same checks, nothing built or written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ from difflax import sampling
 from difflax.evaluation import evaluator as evaluator_lib
 
 MODES = ("train", "sample", "eval", "sweep", "plan")
+LOCK_FILE = ".difflax.lock"
 TrainFn = Callable[..., dict]  # (config, workdir) -> the loop's result
 
 
@@ -49,9 +53,23 @@ def run(config, workdir: str, mode: str = "train", *, train_fn: TrainFn,
   reverse). `plan_options`: `plan.plan`'s topology / mfu / hbm_gib."""
   modes = parse_modes(mode)
   config_lib.validate(config)
-  if len(modes) > 1:
-    return {m: _run_one(config, workdir, m, train_fn, plan_options) for m in modes}
-  return _run_one(config, workdir, modes[0], train_fn, plan_options)
+  if set(modes) & {"train", "sample", "eval"}:  # Before anything is written.
+    for c in stage_configs(config).values():
+      data_lib.check_source(c.data)
+  with _one_run_at_a_time(workdir):
+    if len(modes) > 1:
+      return {m: _run_one(config, workdir, m, train_fn, plan_options) for m in modes}
+    return _run_one(config, workdir, modes[0], train_fn, plan_options)
+
+
+def _one_run_at_a_time(workdir: str):
+  """Two runs writing one workdir would interleave checkpoints, metrics and samples silently:
+  process 0 of a run holds workdir/.difflax.lock until it ends (a second run on this machine, or
+  on a shared file system, fails at once naming the holder). Process 0 only: a multi-process
+  run's other processes share the workdir with it."""
+  if jax.process_index():
+    return contextlib.nullcontext()
+  return fileio.exclusive(os.path.join(workdir, LOCK_FILE), f"--workdir={workdir}")
 
 
 def stage_configs(config) -> dict:
@@ -84,11 +102,7 @@ def check(config, workdir: str, mode: str = "train") -> str:
 
 def _run_one(config, workdir: str, mode: str, train_fn: TrainFn,
              plan_options: dict | None) -> dict:
-  """Records the config as workdir/config.json (train) and runs one mode; a data source that
-  cannot serve the config fails before anything is written."""
-  if mode in ("train", "sample", "eval"):
-    for c in stage_configs(config).values():
-      data_lib.check_source(c.data)
+  """Records the config as workdir/config.json (train) and runs one mode."""
   fileio.path(workdir).mkdir(parents=True, exist_ok=True)
   if mode == "plan":  # Every stage of a cascade / growth level: plan.py walks them itself.
     result = plan_lib.plan(config, workdir, **(plan_options or {}))

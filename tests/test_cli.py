@@ -55,3 +55,17 @@ def test_list_print_and_dry_run_build_nothing(tmp_path):
   assert r.stdout.splitlines()[0].startswith("OK: --mode=train,sample")
   assert "base: 8x8, embedded data" in r.stdout and "sr_64: 16x16" in r.stdout
   assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_into_a_busy_workdir_is_refused_at_once(tmp_path):
+  """Two runs into one workdir would interleave checkpoints and metrics: the second one fails
+  in one line naming the first (here: this process holding the lock), before writing anything;
+  the OS releases the lock of a process that dies, so a killed run never blocks its resume."""
+  import os
+  from difflax import fileio, modes
+  with fileio.exclusive(tmp_path / modes.LOCK_FILE, "test"):
+    r = cli("--config=ddpm_cifar10:tiny", f"--workdir={tmp_path}", "--mode=train,sample")
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"is in use by pid {os.getpid()} on " in lines[0], r.stderr
+  assert os.listdir(tmp_path) == [modes.LOCK_FILE]
