@@ -22,6 +22,7 @@ Datasets:
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -337,10 +338,25 @@ def batch_spec(config, batch_size: Optional[int] = None) -> dict:
   return spec
 
 
+_PREFETCHING: set = set()  # (stop event, thread) of every prefetch not closed yet.
+
+
+@atexit.register
+def _stop_prefetching(timeout: float = 30.0) -> None:
+  """Stops and joins the prefetch threads of iterators nobody closed, before the interpreter
+  finalizes: a daemon thread still inside JAX's C++ transfer code then is unwound by force and
+  aborts the process ("terminate called ... FATAL: exception not rethrown", exit status -6)."""
+  for closed, _ in list(_PREFETCHING):
+    closed.set()
+  for _, thread in list(_PREFETCHING):
+    thread.join(timeout)
+
+
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
   """The items of `iterator`, built up to `size` ahead by a background thread (reading, decoding
   and the host-to-device transfer of the next global batches overlap the running step); the
-  same items in the same order, and an error in the thread is raised where the item would be."""
+  same items in the same order, and an error in the thread is raised where the item would be.
+  The thread ends when the iterator is exhausted or closed, or at interpreter exit."""
   q: queue.Queue = queue.Queue(maxsize=size)
   done, closed = object(), threading.Event()
 
@@ -361,7 +377,10 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
       put(done)
     except BaseException as e:  # Handed to the consumer, raised there.
       put(e)
-  threading.Thread(target=fill, daemon=True, name="difflax-prefetch").start()
+  thread = threading.Thread(target=fill, daemon=True, name="difflax-prefetch")
+  entry, live = (closed, thread), _PREFETCHING  # (Still reachable in a `finally` at teardown.)
+  live.add(entry)
+  thread.start()
   try:
     while (item := q.get()) is not done:
       if isinstance(item, BaseException):
@@ -369,6 +388,7 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
       yield item
   finally:
     closed.set()
+    live.discard(entry)
 
 
 def make_iterator(config, mesh, *, seed: int, start_step: int = 0, split: Optional[str] = None,

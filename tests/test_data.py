@@ -1,4 +1,5 @@
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -212,3 +213,25 @@ def test_prefetch_yields_the_same_batches_and_raises_where_the_item_would_be():
       break
     time.sleep(0.1)
   assert not [t for t in threading.enumerate() if t.name == "difflax-prefetch"]
+
+
+def test_iterators_left_open_do_not_outlive_the_interpreter(tmp_path):
+  """A script that exits with unclosed iterators (benchmarks do): their prefetch threads are
+  stopped and joined by an exit hook, before finalization would unwind a thread inside JAX's
+  C++ transfer code by force and abort the process (seen as exit status -6)."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  script = (
+      "import atexit, threading\n"
+      # Registered first, so it runs last: after difflax's hook, before finalization.
+      "atexit.register(lambda: print('alive', sum(t.name == 'difflax-prefetch' and t.is_alive()"
+      " for t in threading.enumerate())))\n"
+      "from difflax import config, data, parallel\n"
+      "c = config.load('ddpm_cifar10:tiny').data\n"
+      "its = [data.make_iterator(c, parallel.local_mesh(), seed=s) for s in range(3)]\n"
+      "print([next(it)['image'].shape for it in its])\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip().splitlines()[-1] == "alive 0", r.stdout
