@@ -11,6 +11,11 @@ Presets: paper | tiny, plus s= (the fixed level, trained and sampled; in the bas
 Appendix B does not list this ablation's architectures; `:paper` uses the 64x64 pipeline's
 diffusion settings (4000 cosine steps, learned variances, hybrid loss, class-conditional) with the
 32->64 models' UNets scaled to the resolutions.
+
+On pods (`--mode=plan`, measured with the TPU compiler, docs/plans/cascade_16_64): `:paper`
+(base 380 M params, SR 168 M; batch 2048, bf16, fsdp 16) fits a v5e:16x16 slice at 1.86 / 1.93
+GiB per chip of 16 (9 / 34 ms per step at MFU 0.4) — 12 % of HBM, so a smaller slice would do
+(not planned).
 """
 from difflax import cascade
 from difflax import config as config_lib
