@@ -51,11 +51,7 @@ def run(config, workdir: str, mode: str = "train", *, train_fn: TrainFn,
   several is {mode: result}). `train_fn(config, workdir)`: the loop, passed in by `train.run`
   (the entry point `main.py` and notebooks call; train.py imports this module, not the
   reverse). `plan_options`: `plan.plan`'s topology / mfu / hbm_gib."""
-  modes = parse_modes(mode)
-  config_lib.validate(config)
-  if set(modes) & {"train", "sample", "eval"}:  # Before anything is written.
-    for c in stage_configs(config).values():
-      data_lib.check_source(c.data)
+  modes, _ = _checked(config, mode)  # Before anything is written.
   with _one_run_at_a_time(workdir):
     if len(modes) > 1:
       return {m: _run_one(config, workdir, m, train_fn, plan_options) for m in modes}
@@ -72,6 +68,17 @@ def _one_run_at_a_time(workdir: str):
   return fileio.exclusive(os.path.join(workdir, LOCK_FILE), f"--workdir={workdir}")
 
 
+def _checked(config, mode: str) -> tuple[list[str], dict]:
+  """(the modes of `mode`, {stage: its data source described}) after validating `config` and
+  every stage's data source (which only `plan` alone does not read); `run` and `check` start
+  here."""
+  modes = parse_modes(mode)
+  config_lib.validate(config)
+  sources = ({} if modes == ["plan"] else
+             {name: data_lib.check_source(c.data) for name, c in stage_configs(config).items()})
+  return modes, sources
+
+
 def stage_configs(config) -> dict:
   """{stage name: config} of a cascade, or {"model": config}."""
   if cascade.is_cascade(config):
@@ -83,13 +90,12 @@ def check(config, workdir: str, mode: str = "train") -> str:
   """`--dry_run`: the modes, the config and every stage's data source checked (what the first
   batch would find wrong raises here), the workdir creatable; nothing built or written.
   Returns a summary."""
-  modes = parse_modes(mode)
-  config_lib.validate(config)
+  modes, sources = _checked(config, mode)
   lines = [f"OK: --mode={','.join(modes)} --workdir={workdir}"]
-  if "plan" not in modes or len(modes) > 1:
-    for name, c in stage_configs(config).items():
-      lines.append(f"  {name}: {c.data.resolution}x{c.data.resolution}, "
-                   f"{data_lib.check_source(c.data)}")
+  stages = stage_configs(config)
+  for name, source in sources.items():
+    res = stages[name].data.resolution
+    lines.append(f"  {name}: {res}x{res}, {source}")
   path = fileio.path(workdir)
   if not fileio.is_url(workdir):
     parent = next(p for p in [path, *path.parents] if p.exists())
