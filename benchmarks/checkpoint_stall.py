@@ -7,8 +7,10 @@ For each mode, --saves times: one train step, `Checkpointer.save` (timed: how lo
 blocked by the call), then --steps-after more steps (timed: the background write competes with
 them for the host), then the wait for the write to finish. Prints the medians and the ratio
 async / sync of the blocked time and of save + following steps, and the integrity checksums'
-share of the block (`checksums_secs`: `checkpoint.state_checksums` of the state alone). `--dir` should be the file
-system (or bucket) a run would write to.
+cost: `checksums_secs` (`checkpoint.state_checksums` of the state alone, computed and fetched)
+and `checksums_dispatch_secs` (`checkpoint.dispatch_checksums`: what `save` waits for; the
+fetch happens in orbax's background commit). `--dir` should be the file system (or bucket) a
+run would write to.
 """
 import json
 import os
@@ -43,6 +45,12 @@ def main():
   ckpt_lib.state_checksums(box["state"])  # (Compiles the checksum programs.)
   checksum_secs = _common.median(_common.time_calls(
       lambda: ckpt_lib.state_checksums(box["state"]), 0, max(args.saves, 3)))
+  dispatch = []
+  for _ in range(max(args.saves, 3)):
+    t0 = time.perf_counter()
+    pending = ckpt_lib.dispatch_checksums(box["state"])
+    dispatch.append(time.perf_counter() - t0)
+    pending.result()
   root = args.dir or tempfile.mkdtemp(prefix="difflax_ckpt_stall_")
   out = {}
   for mode in ("sync", "async"):
@@ -74,7 +82,8 @@ def main():
       "devices": jax.device_count(), "params": experiment.num_params(state.params),
       "state_mib": state_bytes / 2 ** 20, "step_seconds_median": base,
       "steps_after_save": args.steps_after, "state_leaves": len(jax.tree_util.tree_leaves(
-          box["state"])), "checksums_secs": checksum_secs, **out,
+          box["state"])), "checksums_secs": checksum_secs,
+      "checksums_dispatch_secs": _common.median(dispatch), **out,
       "blocked_ratio_async_over_sync":
           out["async"]["save_blocks_secs"] / out["sync"]["save_blocks_secs"],
       "save_and_steps_ratio_async_over_sync":

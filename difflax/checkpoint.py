@@ -11,7 +11,12 @@ whatever topology wrote them. `directory` may be a local path or a URL (`gs://..
 
 `meta` is JSON: the step, the parameter shapes (`param_shapes`), `checksums` (one 32-bit
 checksum per state leaf, `state_checksums`) and any stage metadata a caller adds. Integrity:
-  * save refuses a state with non-finite values (it would poison every resumed run);
+  * a state with non-finite values is never committed (it would poison every resumed run). The
+    checksums and finiteness flags are dispatched by `save` and fetched in orbax's background
+    thread, where the meta JSON is written (`_MetaHandler`), so the loop does not wait for them:
+    a non-finite state fails that write, the step never becomes a checkpoint, and the
+    `FloatingPointError` is raised by the next `save`, `wait` or `close` (at once when
+    `async_save=False`);
   * restore compares the checkpoint's parameter shapes with the expected ones first
     (`CheckpointMismatchError` names the differing paths: another architecture is a user error,
     not damage), then verifies every restored leaf against its recorded checksum and for
@@ -32,6 +37,7 @@ diffusion UNet's state it made each save ~2.5x slower here); this is set on orba
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -91,22 +97,35 @@ def _leaf_summary(x):
   return jnp.sum((v ^ (i * _MUL_B)) * (i * jnp.uint32(2) + jnp.uint32(1)) * _MUL_A), finite
 
 
-# One small program per leaf signature (shape, dtype, sharding), not one over the whole tree:
-# params, EMA params and both Adam moments share signatures, and so do the levels a growing UNet
-# keeps, so each growth compiles only its new shapes (one program over all leaves recompiled
-# for every new tree: 7-13 s of each growth's first checkpoint on a cold cache in the tests).
-_leaf_summary_jit = jax.jit(_leaf_summary)
+def _group_summary(xs: list) -> jax.Array:
+  """[n, 2] uint32: (checksum, finite) of each of n arrays of one signature."""
+  rows = [jnp.stack([c, ok.astype(jnp.uint32)]) for c, ok in map(_leaf_summary, xs)]
+  return jnp.stack(rows)
+
+
+# One program per leaf signature (shape, dtype, sharding) over all the leaves that share it,
+# not one over the whole tree and not one per leaf: params, EMA params and both Adam moments
+# share signatures, and so do a UNet's repeated blocks, so the reference state's 979 leaves are
+# 61 programs (each dispatch costs the host ~0.1 ms: 979 of them were most of the checksums'
+# cost), and a growth compiles only the groups it changes (one program over all leaves
+# recompiled for every new tree: 7-13 s of each growth's first checkpoint on a cold cache).
+_group_summary_jit = jax.jit(_group_summary)
+
+
+def _signature(x) -> tuple:
+  return (getattr(x, "shape", ()), str(getattr(x, "dtype", type(x))),
+          getattr(x, "sharding", None))
 
 
 def _needs_own_turn(x) -> bool:
-  """Whether the checksum of leaf `x` must finish before the next one is dispatched.
+  """Whether the checksums of leaves like `x` must finish before the next are dispatched.
 
   A leaf split over devices sums with a collective across them (and processes), and XLA:CPU
   runs dispatched programs concurrently on its thread pool, where two programs' collectives
   entered in different orders by different devices wait on each other forever (seen in-process
   with 8 devices; see also `parallel.any_process`). Ordering them by data dependencies instead
   (each program taking the previous checksum through an optimization barrier) still deadlocks
-  there: a device starts program i + 1 while others finish i. So on the CPU such leaves take
+  there: a device starts program i + 1 while others finish i. So on the CPU such groups take
   one blocking round trip each; a leaf whole on every device needs no collective, and
   accelerators run a device's programs in dispatch order, so those are dispatched together."""
   sharding = getattr(x, "sharding", None)
@@ -114,18 +133,70 @@ def _needs_own_turn(x) -> bool:
           and not sharding.is_fully_replicated)
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingChecksums:
+  """The checksums of a state, dispatched and maybe still computing; `result()` fetches them."""
+  step: int
+  names: tuple[str, ...]
+  groups: tuple  # ((leaf indices, [n, 2] uint32 device array of (checksum, finite)), ...)
+
+  def result(self) -> tuple[dict[str, int], list[str]]:
+    """({leaf path: checksum}, [paths of leaves with NaN / inf])."""
+    # Replicated on every process: one wait for all.
+    fetched = jax.device_get([rows for _, rows in self.groups])
+    sums, finite = [0] * len(self.names), [True] * len(self.names)
+    for (indices, _), rows in zip(self.groups, fetched):
+      for i, (c, ok) in zip(indices, rows):
+        sums[i], finite[i] = int(c), bool(ok)
+    return (dict(zip(self.names, sums)),
+            [k for k, ok in zip(self.names, finite) if not ok])
+
+
+def dispatch_checksums(state: Any, step: int = -1) -> PendingChecksums:
+  """Starts the checksums of a state pytree without waiting for them (see `_needs_own_turn`)."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+  by_signature = {}
+  for i, x in enumerate(leaves):
+    by_signature.setdefault(_signature(x), []).append(i)
+  groups = []
+  for indices in by_signature.values():
+    rows = _group_summary_jit([leaves[i] for i in indices])
+    if _needs_own_turn(leaves[indices[0]]):
+      jax.block_until_ready(rows)
+    groups.append((tuple(indices), rows))
+  return PendingChecksums(step, tuple(trees.path_str(p) for p in paths), tuple(groups))
+
+
 def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
   """({leaf path: checksum}, [paths of leaves with NaN / inf]) of a state pytree."""
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
-  out = []
-  for x in leaves:
-    out.append(_leaf_summary_jit(x))
-    if _needs_own_turn(x):
-      jax.block_until_ready(out[-1])
-  out = jax.device_get(out)  # Scalars, replicated on every process: one wait for all.
-  names = [trees.path_str(p) for p in paths]
-  return ({k: int(s) for k, (s, _) in zip(names, out)},
-          [k for k, (_, ok) in zip(names, out) if not ok])
+  return dispatch_checksums(state).result()
+
+
+def _non_finite_error(step: int, bad: list, directory) -> FloatingPointError:
+  return FloatingPointError(
+      f"Refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}"
+      f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint in {directory} is "
+      "kept; try a lower config.optim.lr or config.optim.grad_clip=1.0.")
+
+
+class _MetaHandler(ocp.handlers.JsonCheckpointHandler):
+  """orbax's JSON item, whose `checksums` may be a `PendingChecksums`: fetched here, in the
+  background commit (after the arrays' device-to-host copy), so the train loop never waits
+  for them; a non-finite state raises here, before orbax commits the step, on every process
+  (the flags are replicated), so no process commits it."""
+
+  def __init__(self, directory):
+    super().__init__()
+    self._directory = directory
+
+  async def _save_fn(self, x, directory):
+    pending = x.get("checksums")
+    if isinstance(pending, PendingChecksums):
+      sums, bad = pending.result()
+      if bad:
+        raise _non_finite_error(pending.step, bad, self._directory)
+      x = {**x, "checksums": sums}
+    await super()._save_fn(x, directory)
 
 
 @functools.cache
@@ -165,29 +236,50 @@ class Checkpointer:
         [ocp.checkpoint_managers.LatestN(keep), self.verified])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            enable_async_checkpointing=async_save)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    meta_handler = _MetaHandler(self.directory)  # Reads and writes the usual JSON args.
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("meta", args, meta_handler)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+                                         handler_registry=registry)
 
   def latest_step(self) -> Optional[int]:
     """The newest complete checkpoint (a save in flight is not one until `wait`)."""
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    sums, bad = state_checksums(state)
-    if bad:
-      raise FloatingPointError(
-          f"Refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}"
-          f"{' ...' if len(bad) > 5 else ''}. The last good checkpoint in {self.directory} is "
-          "kept; try a lower config.optim.lr or config.optim.grad_clip=1.0.")
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "checksums": sums})),
-        force=True)
+    """Starts writing `state` as `step` (returns once it is copied to host memory). Raises the
+    `FloatingPointError` of an earlier save in flight whose state was not finite."""
+    pending = dispatch_checksums(state, int(step))
+    with self._errors():
+      self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave({**meta, "checksums": pending})), force=True)
     logging.info("Saving checkpoint at step %d to %s%s", step, self.directory,
                  " (in the background)" if self.async_save else "")
 
   def wait(self) -> None:
     """Blocks until the save in flight (if any) is complete on disk."""
-    self.manager.wait_until_finished()
+    with self._errors():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _errors(self):
+    """orbax re-raises a background commit's error wrapped or as is, depending on where it
+    surfaces: give the caller the non-finite state's own `FloatingPointError`."""
+    try:
+      yield
+    except FloatingPointError:
+      raise
+    except Exception as e:
+      cause = e
+      while cause is not None and not isinstance(cause, FloatingPointError):
+        cause = cause.__cause__ or cause.__context__
+      if cause is None:
+        raise
+      raise cause from None
 
   def read_meta(self, step: Optional[int] = None) -> Optional[dict]:
     self.wait()

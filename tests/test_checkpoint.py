@@ -101,9 +101,40 @@ def test_no_intact_checkpoint_says_so_and_deletes_nothing(tmp_path):
 
 def test_non_finite_state_is_never_saved(tmp_path):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "c"))
-  with pytest.raises(FloatingPointError, match="params/dense/kernel"):
-    save(ckpt, 1, value=float("inf"))
-  assert ckpt.latest_step() is None
+  save(ckpt, 1)
+  with pytest.raises(FloatingPointError, match="step 2: non-finite values in .*params/dense/kernel"):
+    save(ckpt, 2, value=float("inf"))
+  assert ckpt.manager.all_steps() == [1]
+  save(ckpt, 3)  # The run (or its resume) goes on from the last good state.
+  assert ckpt.manager.all_steps() == [1, 3]
+  ckpt.close()
+  with pytest.raises(FloatingPointError, match="step 1: non-finite"):  # Also without async.
+    save(ckpt_lib.Checkpointer(str(tmp_path / "sync"), async_save=False), 1, value=float("nan"))
+
+
+def test_the_checksums_do_not_hold_up_the_save(tmp_path, monkeypatch):
+  """`save` returns before the checksums are fetched: they are fetched in orbax's background
+  commit (here held back until the test lets it go), and land in the meta JSON."""
+  import threading
+  release, fetched_in = threading.Event(), []
+  real = ckpt_lib.PendingChecksums.result
+
+  def held_result(self):
+    fetched_in.append(threading.current_thread() is threading.main_thread())
+    release.wait(timeout=60)
+    return real(self)
+  monkeypatch.setattr(ckpt_lib.PendingChecksums, "result", held_result)
+  d = str(tmp_path / "c")
+  ckpt = ckpt_lib.Checkpointer(d)
+  state = make_state(1)
+  ckpt.save(1, state, {"step": 1, "param_shapes": ckpt_lib.param_shapes(state.params)})
+  assert ckpt.manager.is_saving_in_progress()  # save returned with the checksums pending.
+  release.set()
+  ckpt.wait()
+  assert fetched_in == [False]
+  meta = json.load(open(os.path.join(d, "1", "meta", "metadata")))
+  assert meta["checksums"] == ckpt_lib.state_checksums(state)[0]
+  ckpt.close()
 
 
 KILLED_MID_SAVE = """
