@@ -106,7 +106,7 @@ def _group_summary(xs: list) -> jax.Array:
 # One program per leaf signature (shape, dtype, sharding) over all the leaves that share it,
 # not one over the whole tree and not one per leaf: params, EMA params and both Adam moments
 # share signatures, and so do a UNet's repeated blocks, so the reference state's 979 leaves are
-# 61 programs (each dispatch costs the host ~0.1 ms: 979 of them were most of the checksums'
+# 27 programs (each dispatch costs the host ~0.1 ms: 979 of them were most of the checksums'
 # cost), and a growth compiles only the groups it changes (one program over all leaves
 # recompiled for every new tree: 7-13 s of each growth's first checkpoint on a cold cache).
 _group_summary_jit = jax.jit(_group_summary)
