@@ -112,6 +112,11 @@ def _group_summary(xs: list) -> jax.Array:
 _group_summary_jit = jax.jit(_group_summary)
 
 
+@jax.jit
+def _concatenate(groups: list) -> jax.Array:
+  return jnp.concatenate(groups)
+
+
 def _signature(x) -> tuple:
   return (getattr(x, "shape", ()), str(getattr(x, "dtype", type(x))),
           getattr(x, "sharding", None))
@@ -133,21 +138,27 @@ def _needs_own_turn(x) -> bool:
           and not sharding.is_fully_replicated)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class PendingChecksums:
-  """The checksums of a state, dispatched and maybe still computing; `result()` fetches them."""
+  """The checksums of a state, dispatched and maybe still computing; `result()` fetches them.
+
+  One array, fetched once: orbax's commit thread fetches it while the train loop's thread runs
+  orbax's (Python-heavy) blocking phase, and a fetch per group handed the GIL back and forth
+  once per array (27 fetches made `save` block ~0.1-0.2 s longer here than fetching first)."""
   step: int
   names: tuple[str, ...]
-  groups: tuple  # ((leaf indices, [n, 2] uint32 device array of (checksum, finite)), ...)
+  order: tuple[int, ...]  # Leaf index of each row of `rows`.
+  rows: jax.Array  # [leaves, 2] uint32: (checksum, finite), one array so one fetch.
+
+  def __repr__(self) -> str:
+    return f"PendingChecksums(step={self.step}, {len(self.names)} leaves)"
 
   def result(self) -> tuple[dict[str, int], list[str]]:
     """({leaf path: checksum}, [paths of leaves with NaN / inf])."""
-    # Replicated on every process: one wait for all.
-    fetched = jax.device_get([rows for _, rows in self.groups])
+    rows = jax.device_get(self.rows)  # Replicated on every process.
     sums, finite = [0] * len(self.names), [True] * len(self.names)
-    for (indices, _), rows in zip(self.groups, fetched):
-      for i, (c, ok) in zip(indices, rows):
-        sums[i], finite[i] = int(c), bool(ok)
+    for i, (c, ok) in zip(self.order, rows):
+      sums[i], finite[i] = int(c), bool(ok)
     return (dict(zip(self.names, sums)),
             [k for k, ok in zip(self.names, finite) if not ok])
 
@@ -160,11 +171,12 @@ def dispatch_checksums(state: Any, step: int = -1) -> PendingChecksums:
     by_signature.setdefault(_signature(x), []).append(i)
   groups = []
   for indices in by_signature.values():
-    rows = _group_summary_jit([leaves[i] for i in indices])
+    groups.append(_group_summary_jit([leaves[i] for i in indices]))
     if _needs_own_turn(leaves[indices[0]]):
-      jax.block_until_ready(rows)
-    groups.append((tuple(indices), rows))
-  return PendingChecksums(step, tuple(trees.path_str(p) for p in paths), tuple(groups))
+      jax.block_until_ready(groups[-1])
+  return PendingChecksums(step, tuple(trees.path_str(p) for p in paths),
+                          tuple(i for indices in by_signature.values() for i in indices),
+                          _concatenate(groups))
 
 
 def state_checksums(state: Any) -> tuple[dict[str, int], list[str]]:
