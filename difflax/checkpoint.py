@@ -360,5 +360,9 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    """Waits for the save in flight, then releases orbax's threads (also when that save failed:
+    its error is raised after)."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -107,7 +107,11 @@ def test_non_finite_state_is_never_saved(tmp_path):
   assert ckpt.manager.all_steps() == [1]
   save(ckpt, 3)  # The run (or its resume) goes on from the last good state.
   assert ckpt.manager.all_steps() == [1, 3]
-  ckpt.close()
+  state = make_state(4, value=float("nan"))
+  ckpt.save(4, state, {"step": 4, "param_shapes": ckpt_lib.param_shapes(state.params)})
+  with pytest.raises(FloatingPointError, match="step 4"):  # A run's last save: close says so.
+    ckpt.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path / "c")).manager.all_steps() == [1, 3]
   with pytest.raises(FloatingPointError, match="step 1: non-finite"):  # Also without async.
     save(ckpt_lib.Checkpointer(str(tmp_path / "sync"), async_save=False), 1, value=float("nan"))
 
