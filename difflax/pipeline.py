@@ -49,6 +49,13 @@ class Stage:
     self.params = state.ema_params if self.config.sample.use_ema else state.params
     self._fns: dict = {}
 
+  @property
+  def tag(self) -> str:
+    """Its step, the sampler (the process's sample tag) and the guidance weight."""
+    c = self.config.sample
+    method = self.exp.process.sample_tag(c.sampler, c.steps, c.eta)
+    return f"{self.name}{self.step}_{method}_w{c.guidance:g}"
+
   def sample_fn(self, truncate_level: int = 0):
     if truncate_level not in self._fns:
       c = self.config.sample
@@ -106,7 +113,7 @@ def sample(config, workdir: str) -> dict:
   c = config.cascade
   stages = load_stages(config, workdir)
   outs, conds = run_pipeline(stages, jax.random.key(c.seed), c.num, c.batch_size)
-  tag = "_".join(f"{st.name}{st.step}" for st in stages) + f"_seed{c.seed}_n{c.num}"
+  tag = "_".join(st.tag for st in stages) + f"_seed{c.seed}_n{c.num}"
   for st in stages[1:]:
     if st.config.cond.aug == "gaussian":
       tag += f"_{st.name}-{st.config.cond.sample_mode}-s{st.config.cond.sample_level}"

@@ -80,6 +80,7 @@ def apply_tiny_cascade(c: ml_collections.ConfigDict) -> None:
     st = c.stages[name]
     apply_tiny(st)
     st.model.class_conditional = False
+    st.sample.guidance = 0.0  # Guidance needs class conditioning.
     if i:
       st.data.update(low_res=res, resolution=2 * res)
       st.model.attn_resolutions = ()

@@ -51,6 +51,7 @@ def test_locked_config_rejects_unknown_keys():
     ("model.attn_resolutions", (3,), "attn_resolutions"),
     ("diffusion.var_type", "learned_range", "hybrid"),
     ("loss.type", "l1", "loss.type"),
+    ("sample.guidance", 2.0, r"guidance=2 needs a class-conditional model"),  # unconditional
 ])
 def test_validate_explains_inconsistent_settings(field, value, match):
   c = load_config("ddpm_cifar10", "tiny")
@@ -182,3 +183,16 @@ def test_a_recorded_resolved_config_loads_back():
     c = config_lib.load(spec)
     again = config_lib.from_dict(c.to_dict())
     assert again.to_dict() == c.to_dict()
+
+
+def test_guidance_needs_a_model_trained_with_null_labels():
+  """The main job's base samples with guidance w=2 (a class-conditional model trained with 10 %
+  null labels); without null labels in training the same setting is refused."""
+  c = load_config("cascade_32_64", "")
+  base = c.stages.base
+  assert base.sample.guidance == 2.0 and base.model.class_conditional
+  assert base.model.label_dropout == 0.1
+  config_lib.validate(c)
+  base.model.label_dropout = 0.0
+  with pytest.raises(ValueError, match=r"label_dropout > 0; here True and 0\)"):
+    config_lib.validate(c)

@@ -91,5 +91,7 @@ def test_a_grown_flow_base_and_a_flow_sr_stage_train_and_sample_the_pipeline(tmp
   out = train.run(c, str(tmp_path), mode="train,sample")["train"]
   assert out["base"]["step"] == 4 and out["sr_64"]["step"] == 4
   (out_dir,) = glob.glob(str(tmp_path / "pipeline" / "*"))
+  # The directory names what decides the samples: each stage's step, sampler and guidance.
+  assert os.path.basename(out_dir).startswith("base4_heun3_w0_sr_644_heun3_w0_seed0_n8")
   imgs = np.load(os.path.join(out_dir, "final.npz"))["images"]
   assert imgs.shape == (8, 16, 16, 3) and len({im.tobytes() for im in imgs}) == 8

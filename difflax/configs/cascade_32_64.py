@@ -11,7 +11,7 @@ Presets: paper | tiny, plus s= (the SR stage's sampling level) and mode=truncate
 Stage fields are overridden as --config.stages.<stage>.<block>.<key>=value.
 
 Default (CPU, embedded dataset): a class-conditional base 32x32 on 2x2 patches (~0.7M params,
-3000 steps, v-prediction + min-SNR-5, cosine betas) then SR 32->64 (~0.4M params, 300 steps);
+3000 steps, v-prediction + min-SNR-5, cosine betas, sampled with guidance w=2) then SR 32->64 (~0.4M params, 300 steps);
 about 7 minutes of training for both on 2 cores. The SR stage is amortized
 over s ~ U{0..400} of the base's 1000-step forward process and samples non-truncated at s=100.
 
@@ -67,7 +67,11 @@ def base_stage(paper: bool):
     c.loss.min_snr_gamma = 5.0
     c.optim.lr = 2e-3
     c.train.update(num_steps=3000, checkpoint_every=1000, preview_every=1500)
-    c.sample.update(sampler="ddpm", steps="100")
+    # Classifier-free guidance (Ho & Salimans 2022; the model trains with 10 % null labels): on
+    # the 3000-step base it turns blobs into nameable shapes. 64 pipeline samples of one trained
+    # run, w = 0 / 1 / 2 / 4: shape score 7.49 / 9.05 / 9.07 / 8.88 (real images 9.93), quick
+    # FD 8.9 / 4.4 / 5.0 / 7.7 [0.74] (docs/results.md). CDM samples unguided (`:paper`).
+    c.sample.update(sampler="ddpm", steps="100", guidance=2.0)
   return c
 
 

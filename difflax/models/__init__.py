@@ -47,6 +47,14 @@ def validate(config) -> None:
                      f"are at {sorted(level_res, reverse=True)}.")
   if m.class_conditional and config.data.num_classes <= 0:
     raise ValueError("model.class_conditional=True needs labels (data.num_classes > 0).")
+  guidance = config.sample.guidance
+  if guidance and not (m.class_conditional and m.label_dropout > 0):
+    # The unconditional half of guidance is the null label's prediction: without null labels in
+    # training it is an untrained input (or, unconditional, the guidance would be silently off).
+    raise ValueError(f"config.sample.guidance={guidance:g} needs a class-conditional model "
+                     "trained with null labels (model.class_conditional=True and "
+                     f"model.label_dropout > 0; here {bool(m.class_conditional)} and "
+                     f"{m.label_dropout:g}). Set sample.guidance=0 or train such a model.")
 
 
 # `config.model` keys the training step reads (classifier-free guidance), not the network.
