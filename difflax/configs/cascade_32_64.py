@@ -11,9 +11,10 @@ Presets: paper | tiny, plus s= (the SR stage's sampling level) and mode=truncate
 Stage fields are overridden as --config.stages.<stage>.<block>.<key>=value.
 
 Default (CPU, embedded dataset): a class-conditional base 32x32 on 2x2 patches (~0.7M params,
-3000 steps, v-prediction + min-SNR-5, cosine betas, sampled with guidance w=2) then SR 32->64 (~0.4M params, 300 steps);
-about 7 minutes of training for both on 2 cores. The SR stage is amortized
-over s ~ U{0..400} of the base's 1000-step forward process and samples non-truncated at s=100.
+3000 steps, v-prediction + min-SNR-5, cosine betas, sampled with classifier-free guidance w=2)
+then SR 32->64 (~0.4M params, 300 steps); about 7 minutes of training for both on 2 cores. The
+SR stage is amortized over s ~ U{0..400} of the base's 1000-step forward process and samples
+non-truncated at s=100.
 
 On pods (`--mode=plan`, docs/plans/cascade_32_64, planned with mesh.fsdp=1 before the preset
 moved to 16): `:paper` on v5e:16x16 (256 chips, batch 2048 = 8 per chip, bf16): the 792 M base
