@@ -159,8 +159,9 @@ def sweep(config, workdir: str) -> dict:
   target = _sweep_stage(config, stages)
   out_dir = os.path.join(workdir, "sweep")
   key = jax.random.key(c.seed)
-  base_path = os.path.join(out_dir, f"base_{stages[0].name}{stages[0].step}_seed{c.seed}_"
-                           f"n{c.sweep_num}.npz")
+  # Named like the pipeline's tag, so base samples drawn with another sampler or guidance are
+  # not reused.
+  base_path = os.path.join(out_dir, f"base_{stages[0].tag}_seed{c.seed}_n{c.sweep_num}.npz")
   if parallel.from_process_0(fileio.exists(base_path)):
     base = fileio.load_npz(base_path)["samples"]
   else:

@@ -154,6 +154,8 @@ def test_kill_in_stage_two_resumes_it_without_retraining_stage_one(tmp_path, mon
   sweep = train.run(c, str(tmp_path), mode="sweep")
   assert [r["s"] for r in sweep["rows"]] == [0, 10, 50] and os.path.exists(sweep["png"])
   assert json.load(open(tmp_path / "sweep" / "sweep.json"))["stage"] == "sr_64"
+  # The stored base samples are named by what drew them (sampler, guidance), like the pipeline.
+  assert os.path.basename(sweep["base_samples"]).endswith("_w0_seed0_n8.npz")
   # --config.cascade.stage=<name> --mode=sample samples that stage alone, into its own workdir.
   for name, res in (("base", 8), ("sr_64", 16)):  # :tiny's resolutions.
     c.cascade.stage = name
