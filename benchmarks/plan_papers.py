@@ -35,7 +35,8 @@ SLICES = {
     "chen_schedules": ("v5e:8x8", []),        # batch 1024 at 64x64: 16 per chip
     "cascade_32_64": ("v5e:16x16", []),       # batch 2048: 8 per chip
     "cascade_16_64": ("v5e:16x16", []),
-    "cascade_64_256": ("v5e:16x16", []),      # batch 1024 at 64 -> 256: 4 per chip
+    # batch 1024 at 64 -> 256: 4 per chip. Its base and sr_64 stages are cascade_32_64's.
+    "cascade_64_256": ("v5e:16x16", ["--config.cascade.stage=sr_256"]),
 }
 
 

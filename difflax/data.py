@@ -356,7 +356,8 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
   """The items of `iterator`, built up to `size` ahead by a background thread (reading, decoding
   and the host-to-device transfer of the next global batches overlap the running step); the
   same items in the same order, and an error in the thread is raised where the item would be.
-  The thread ends when the iterator is exhausted or closed, or at interpreter exit."""
+  The thread has ended when closing the iterator returns (or, for an iterator never closed, at
+  interpreter exit)."""
   q: queue.Queue = queue.Queue(maxsize=size)
   done, closed = object(), threading.Event()
 
@@ -387,8 +388,15 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
         raise item
       yield item
   finally:
+    # Joined before the consumer goes on: a thread still finishing after its iterator closed
+    # frees its last batch (device arrays) in JAX's C++ destructor, and if that happens after
+    # the interpreter began finalizing, the thread is unwound by force and the process aborts
+    # (exit status -6) although the run succeeded. A source stuck longer than the timeout stays
+    # in `_PREFETCHING` for the exit hook.
     closed.set()
-    live.discard(entry)
+    thread.join(timeout=60.0)
+    if not thread.is_alive():
+      live.discard(entry)
 
 
 def make_iterator(config, mesh, *, seed: int, start_step: int = 0, split: Optional[str] = None,

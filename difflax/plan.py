@@ -166,9 +166,13 @@ def _matmul_peak(device, n: int = 1024, reps: int = 5) -> float:
 def programs(config) -> list[tuple[str, str, Any, Optional[growth.GrowthState]]]:
   """(stage, program, stage config, growth state) of everything `plan` compiles: per cascade
   stage (or the one model) the train step of each growth level (fading where it fades) and the
-  sampler's model call of the final architecture."""
-  stages = ([(n, cascade.stage_config(config, n)) for n in cascade.stage_names(config)]
-            if cascade.is_cascade(config) else [("model", config)])
+  sampler's model call of the final architecture. A cascade with `cascade.stage` set plans that
+  stage alone, as `--mode=train` trains it alone."""
+  if cascade.is_cascade(config):
+    names = [config.cascade.stage] if config.cascade.stage else cascade.stage_names(config)
+    stages = [(n, cascade.stage_config(config, n)) for n in names]
+  else:
+    stages = [("model", config)]
   out = []
   for name, c in stages:
     levels = [growth.GrowthState()]

@@ -87,6 +87,15 @@ def test_plan_compiles_every_cascade_stage_for_v5e_and_counts_v4_tensorcores(tmp
   assert "per TensorCore" in plan.format_table(v4)
 
 
+def test_a_cascade_stage_set_in_the_config_is_planned_alone():
+  c = load_config("cascade_32_64", "tiny")
+  assert [(s, p) for s, p, _, _ in plan.programs(c)] == [
+      ("base", "train"), ("base", "sample"), ("sr_64", "train"), ("sr_64", "sample")]
+  c.cascade.stage = "sr_64"
+  assert [(s, p, sc.data.resolution) for s, p, sc, _ in plan.programs(c)] == [
+      ("sr_64", "train", 16), ("sr_64", "sample", 16)]
+
+
 def test_topology_and_batch_mistakes_are_one_line_with_status_2(tmp_path, monkeypatch):
   r = cli("--mode=plan", "--config=ddpm_cifar10:tiny", "--topology=v9:2x2",
           f"--workdir={tmp_path}")
