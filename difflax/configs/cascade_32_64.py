@@ -10,11 +10,11 @@ stage with Gaussian conditioning augmentation amortized over s (paper 001 Sec. 3
 Presets: paper | tiny, plus s= (the SR stage's sampling level) and mode=truncated|non_truncated.
 Stage fields are overridden as --config.stages.<stage>.<block>.<key>=value.
 
-Default (CPU, embedded dataset): a class-conditional base 32x32 on 2x2 patches (~0.7M params,
-3000 steps, v-prediction + min-SNR-5, cosine betas, sampled with classifier-free guidance w=2)
-then SR 32->64 (~0.4M params, 300 steps); about 7 minutes of training for both on 2 cores. The
-SR stage is amortized over s ~ U{0..400} of the base's 1000-step forward process and samples
-non-truncated at s=100.
+Default (CPU, embedded dataset): a class-conditional base 32x32 on 2x2 patches with FiLM
+conditioning (~0.7M params, 3000 steps, v-prediction + min-SNR-5, cosine betas, sampled with
+classifier-free guidance w=2) then SR 32->64 (~0.4M params, 300 steps); about 8 minutes of
+training for both on 2 cores. The SR stage is amortized over s ~ U{0..400} of the base's
+1000-step forward process and samples non-truncated at s=100.
 
 On pods (`--mode=plan`, docs/plans/cascade_32_64, planned with mesh.fsdp=1 before the preset
 moved to 16): `:paper` on v5e:16x16 (256 chips, batch 2048 = 8 per chip, bf16): the 792 M base
@@ -71,10 +71,10 @@ def base_stage(paper: bool):
     c.loss.min_snr_gamma = 5.0
     c.optim.lr = 2e-3
     c.train.update(num_steps=3000, checkpoint_every=1000, preview_every=1500)
-    # Classifier-free guidance (Ho & Salimans 2022; the model trains with 10 % null labels): on
-    # the 3000-step base it turns blobs into nameable shapes. 64 pipeline samples of one trained
-    # run, w = 0 / 1 / 2 / 4: shape score 7.49 / 9.05 / 9.07 / 8.88 (real images 9.93), quick
-    # FD 8.9 / 4.4 / 5.0 / 7.7 [0.74] (docs/results.md). CDM samples unguided (`:paper`).
+    # Classifier-free guidance (Ho & Salimans 2022; the model trains with 10 % null labels): 64
+    # pipeline samples of one trained run of this default, w = 0 / 1 / 2 / 4: shape score
+    # 8.59 / 9.54 / 9.74 / 9.58 (real images 9.93), quick FD 4.3 / 3.5 / 3.8 / 4.3 [0.74]
+    # (docs/results.md). CDM samples unguided (`:paper`).
     c.sample.update(sampler="ddpm", steps="100", guidance=2.0)
   return c
 
