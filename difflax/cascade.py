@@ -145,6 +145,12 @@ def stage_names(config) -> list[str]:
   return list(config.cascade.order)
 
 
+def selected_stages(config) -> list[str]:
+  """The stages a run works on: `cascade.stage` alone when it is set, else every stage in order
+  (what `--mode=train` trains and `--mode=plan` compiles)."""
+  return [config.cascade.stage] if config.cascade.stage else stage_names(config)
+
+
 def stage_config(config, name: str) -> ml_collections.ConfigDict:
   """The complete single-model config of stage `name`, with what it inherits filled in: the
   Gaussian augmentation's forward process is the previous stage's discrete diffusion."""

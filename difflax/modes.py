@@ -122,7 +122,7 @@ def _run_one(config, workdir: str, mode: str, train_fn: TrainFn,
     names = cascade.stage_names(config)
     if mode == "train":  # Every stage (or cascade.stage) in order, each resuming on its own.
       results = {}
-      for name in [config.cascade.stage] if config.cascade.stage else names:
+      for name in cascade.selected_stages(config):
         logging.info("Cascade stage %s (%d/%d)", name, names.index(name) + 1, len(names))
         results[name] = train_fn(cascade.stage_config(config, name), os.path.join(workdir, name))
       return results

@@ -169,8 +169,7 @@ def programs(config) -> list[tuple[str, str, Any, Optional[growth.GrowthState]]]
   sampler's model call of the final architecture. A cascade with `cascade.stage` set plans that
   stage alone, as `--mode=train` trains it alone."""
   if cascade.is_cascade(config):
-    names = [config.cascade.stage] if config.cascade.stage else cascade.stage_names(config)
-    stages = [(n, cascade.stage_config(config, n)) for n in names]
+    stages = [(n, cascade.stage_config(config, n)) for n in cascade.selected_stages(config)]
   else:
     stages = [("model", config)]
   out = []
