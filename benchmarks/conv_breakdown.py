@@ -21,6 +21,7 @@ def main():
   args = p.parse_args()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  import difflax  # noqa: F401  (difflax's XLA:CPU defaults, as every difflax run gets them)
   import jax
   import jax.numpy as jnp
   b, r = args.batch_size, args.resolution
@@ -49,7 +50,7 @@ def main():
   peak = _common.matmul_peak_flops()
   print(json.dumps({
       "benchmark": "conv_breakdown", "backend": jax.default_backend(),
-      "shape": [b, r, r, c], "xla_flags": args.xla_flags, "gflop_per_conv": conv_flops / 1e9,
+      "shape": [b, r, r, c], "xla_flags": os.environ.get("XLA_FLAGS", ""), "gflop_per_conv": conv_flops / 1e9,
       **out, "weight_grad_as_matmul_gflops": 2 * a2.shape[0] * c * c / s / 1e9,
       "matmul_peak_gflops": peak / 1e9}))
   sys.stdout.flush()

@@ -172,3 +172,23 @@ def test_every_model_key_reaches_the_module_and_a_stray_one_is_refused():
   assert set(config_lib.base_config().model) == set(block)
   with pytest.raises(ValueError, match="'widht' is not a config.model key"):
     models.config_block("unet", widht=3)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 16), 4), ((3, 5, 5, 6), 3), ((2, 7, 12), 12)])
+def test_group_norm_is_flax_group_norm_with_the_same_parameters(shape, groups):
+  """layers.GroupNorm (per-channel sums first, for XLA:CPU) has flax nn.GroupNorm's parameter
+  tree, values and gradients, so checkpoints and results do not depend on which one ran."""
+  import flax.linen as nn
+  from difflax.models import layers
+  x = 3 * jax.random.normal(jax.random.key(0), shape) + 1
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32)
+  ours = layers.GroupNorm(groups)
+  params = ref.init(jax.random.key(1), x)
+  assert (jax.tree.map(jnp.shape, params)
+          == jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)))
+  params = perturbed(params, 1.0)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.arange(shape[-1]))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

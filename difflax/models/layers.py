@@ -48,9 +48,38 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return emb
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over [B, ..., C] (statistics per example and group over all other axes), float32,
+  with flax `nn.GroupNorm`'s parameters ("scale", "bias": [C]) and math (variance as
+  E[x^2] - E[x]^2, clipped at 0). The statistics are summed per channel first and then per
+  group, and the normalisation is one per-channel affine map x * a + b: the reductions run
+  along the contiguous channel axis instead of over [..., G, C/G] blocks of 1-4 channels. On
+  XLA:CPU that made the reference UNet's forward ~18 % faster (docs/benchmarks.md); the
+  parameters are flax's, so checkpoints load either way."""
+  num_groups: int
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // self.num_groups)
+    group = lambda s: einops.repeat(  # [B, C] per-channel sums -> [B, C] group means
+        einops.reduce(s, "b (g k) -> b g", "sum", g=self.num_groups) / n, "b g -> b (g k)",
+        k=c // self.num_groups)
+    mean = group(jnp.sum(x, axes))
+    var = jnp.maximum(group(jnp.sum(jnp.square(x), axes)) - jnp.square(mean), 0.0)
+    a = scale * jax.lax.rsqrt(var + self.epsilon)  # [B, C]
+    b = bias - mean * a
+    expand = (slice(None),) + (None,) * len(axes) + (slice(None),)
+    return x * a[expand] + b[expand]
+
+
 def group_norm(channels: int, num_groups: int, name: str | None = None):
-  groups = math.gcd(num_groups, channels)
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, name=name)
+  return GroupNorm(math.gcd(num_groups, channels), name=name)
 
 
 def embed(h, emb, norm, scale_shift: bool, dtype):
