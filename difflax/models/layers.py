@@ -198,7 +198,11 @@ class AttentionBlock(nn.Module):
       raise ValueError(f"{c} channels do not split into {heads} attention heads.")
     h = group_norm(c, self.num_groups, "norm")(x)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
-    q, k, v = einops.rearrange(qkv, "b h w (three n d) -> three b n (h w) d", three=3, n=heads)
+    # Split on the channel axis (whose gradient is one concatenate) rather than rearranging a
+    # "(three n d)" axis: the gradient of that was three zero-padded [3, ...] buffers summed and
+    # transposed twice, ~10 % of the reference UNet's train step on XLA:CPU.
+    q, k, v = (einops.rearrange(a, "b h w (n d) -> b n (h w) d", n=heads)
+               for a in jnp.split(qkv, 3, axis=-1))
     scale = 1.0 / math.sqrt(c // heads)
     logits = jnp.einsum("bnqd,bnkd->bnqk", q, k).astype(jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
