@@ -9,6 +9,11 @@ continuous VP schedule `vp_linear`, the network sees log-SNR) and 100 inference 
       --config.cascade.stage=sr_256
 
 Presets: paper | tiny. The CPU default keeps the structure at 16 -> 32 -> 64 on the embedded data.
+
+On pods (`--mode=plan`, docs/plans/cascade_64_256, 2026-12-08): `:paper`'s sr_256 stage on
+v5e:16x16 (256 chips, batch 1024 = 4 per chip, fsdp 16, bf16, 589 M params) needs 6.3 GiB of a
+chip's 16 GiB with `model.remat=dots` (set below); without remat it is 10 MiB over. Its base and
+sr_64 stages are cascade_32_64:paper's (that file's header).
 """
 from difflax import cascade
 from difflax import config as config_lib
