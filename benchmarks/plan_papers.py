@@ -7,7 +7,7 @@ README's table ("The papers' runs on pods") built from the plan.json files.
   python benchmarks/plan_papers.py --tiny --out=/tmp/p               # smoke: :tiny, local CPU
 
 Each config runs as its own `python -m difflax.main --mode=plan` process (a fresh libtpu), its
-table saved beside its plan.json as plan.txt. Paper-size train steps take 10-40 minutes each to
+table saved beside its plan.json as plan.txt. Paper-size train steps take 10-50 minutes each to
 compile on a 2-core CPU (the TPU compiler's code generation grows with the per-chip activation
 size; `compile_secs` in each plan.json), so the slices below are chosen where each config's
 global batch gives a few examples per chip; a config that does not fit gets its verdict's
