@@ -156,8 +156,9 @@ def test_memory_known_answers_on_the_local_devices(local, tmp_path):
 
 
 def test_a_program_over_memory_gets_a_verdict_and_the_lever_that_fits(tmp_path, local):
-  """The search compiles the levers in order; those XLA:CPU measures as no saving (FSDP of a
-  state too small to shard, bf16 and remat here) are dropped again; accumulation fits."""
+  """The search compiles the levers in order; a lever is kept only where it measured a saving
+  (FSDP of a state too small to shard and remat save nothing on XLA:CPU here and are dropped
+  again; bf16 saves a little or nothing, depending on the model code), and accumulation fits."""
   c = probe(mesh__fsdp_min_size=2 ** 30)
   base = measure(c, local, tmp_path)["total"]
   accum = measure(probe(mesh__fsdp_min_size=2 ** 30, optim__grad_accum=2), local, tmp_path)
@@ -168,9 +169,18 @@ def test_a_program_over_memory_gets_a_verdict_and_the_lever_that_fits(tmp_path, 
   tried = [t["changes"] for t in row["tried"]]
   assert [list(t)[-1] for t in tried] == ["mesh.fsdp", "model.dtype", "model.remat",
                                           "model.remat", "optim.grad_accum"], tried
-  assert tried[-1] == {"optim.grad_accum": 2} and row["tried"][-1]["fits"]
-  assert row["verdict"].endswith(f"fits with optim.grad_accum=2 "
-                                 f"({accum['total'] / 2 ** 20:.3g} MiB)"), row["verdict"]
+  assert tried[-1]["optim.grad_accum"] == 2 and row["tried"][-1]["fits"]
+  assert "mesh.fsdp" not in tried[-1] and "model.remat" not in tried[-1], tried
+  best = row["bytes"]["total"] / 2 ** 30  # The program as configured, as the search starts.
+  for t in row["tried"][:-1]:  # Kept in the end only if it lowered the best total so far.
+    lever = list(t["changes"])[-1]
+    assert (lever in tried[-1]) == (t["total_gib"] < best), (lever, t, best)
+    best = min(best, t["total_gib"])
+  if tried[-1] == {"optim.grad_accum": 2}:
+    assert row["tried"][-1]["total_gib"] == pytest.approx(accum["total"] / 2 ** 30)
+  kept = ", ".join(f"{k}={v}" for k, v in tried[-1].items())
+  assert row["verdict"].endswith(f"fits with {kept} "
+                                 f"({row['tried'][-1]['total_gib'] * 2 ** 10:.3g} MiB)"), row["verdict"]
   assert "do not fit as configured" in plan.describe(result)
   # When no lever fits, the verdict names the lowest setting tried and a larger slice (the
   # search's end state, built from this row: a second search would only repeat the compiles).
